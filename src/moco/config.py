@@ -1,0 +1,302 @@
+"""Typed configuration: dataclasses, named presets, YAML files and command-line overrides.
+
+A run's config is resolved as: defaults of the preset -> YAML file -> command-line flags, then
+validated before any work starts, printed, and stored in every checkpoint.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100", "folder")
+AUGMENTS = ("v1", "v2", "crop", "none")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its default and the help text the command line shows."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """The encoder and the contrastive task."""
+
+    arch: str = opt("small_cnn", "small_cnn | resnet18 | resnet34 | resnet50")
+    width: int = opt(32, "small_cnn only: channels of the first stage (then 2x, 4x, 8x)")
+    small_stem: bool = opt(True, "resnets: 3x3 stride-1 stem, no max-pool (for 28-64 px images)")
+    head: str = opt("mlp", "linear (v1) | mlp (v2)")
+    dim: int = opt(128, "embedding width")
+    hidden_dim: int | None = opt(None, "mlp head's hidden width; None: the backbone's width")
+    queue_size: int = opt(4096, "K, negatives in the queue")
+    key_momentum: float = opt(0.99, "m, momentum of the key encoder")
+    temperature: float = opt(0.2, "T, softmax temperature")
+    symmetric: bool = opt(False, "both views as queries")
+    shuffle_bn: bool = opt(True, "shuffle keys before the key encoder (with split BN on one process)")
+    bn_splits: int = opt(8, "BN sub-batches on one process (1 = plain BN)")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented."""
+
+    dataset: str = opt("fashion-mnist", "fashion-mnist | digits | cifar10 | cifar100 | folder")
+    data_root: str | None = opt(None, "folder of the data set (required for folder)")
+    image_size: int | None = opt(None, "crop size; None: the images' own size (64 for folders)")
+    augment: str = opt("v2", "v1 | v2 (aug+) | crop | none")
+    batch_size: int = opt(256, "images per step (the global batch)")
+    train_subset: int | None = opt(None, "use only the first N training images")
+    strict: bool = opt(False, "folders: fail on the first unreadable image instead of skipping it")
+
+
+@dataclass
+class OptimConfig:
+    """SGD and its learning-rate schedule."""
+
+    epochs: int = opt(8, "passes over the training images")
+    lr: float = opt(0.06, "for a batch of lr_batch_size; scaled linearly with the batch size")
+    lr_batch_size: int = opt(256, "images per step (the global batch)")
+    sgd_momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay")
+    schedule: str = opt("cosine", "cosine | step | constant, applied per iteration")
+    lr_steps: list[int] = opt([120, 160], "step: epochs where lr x0.1")
+    warmup_epochs: float = opt(0.0, "linear warm-up from 0")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes, on what device, and what it monitors."""
+
+    out_dir: str = opt("runs/moco", "run folder: config, checkpoints, metrics")
+    seed: int = opt(0, "seed of initialisation, data order and augmentation")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
+    threads: int | None = opt(None, "torch CPU threads; None: torch's default")
+    channels_last: bool = opt(True, "channels-last memory format (faster convolutions)")
+    knn_every: int = opt(1, "kNN monitor every N epochs (0: only at the end; -1: never)")
+    knn_k: int = opt(200, "kNN neighbours")
+    knn_t: float = opt(0.1, "kNN temperature of the vote weights exp(sim/t)")
+    tensorboard: bool = opt(True, "write TensorBoard events to out_dir/tensorboard")
+    progress: bool = opt(True, "show a progress bar")
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS = ("model", "data", "optim", "run")
+
+# Presets are overrides of the defaults above (which are the CPU preset).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Fast on a 2-core CPU: the README's main job.
+    "cpu": {},
+    # MoCo v1 (paper, ImageNet): R50, linear head, K=65536, m=0.999, T=0.07, lr 0.03, steps at 120/160.
+    "v1": {
+        "model": dict(arch="resnet50", small_stem=False, head="linear", queue_size=65536, key_momentum=0.999,
+                      temperature=0.07),
+        "data": dict(augment="v1", image_size=224),
+        "optim": dict(epochs=200, lr=0.03, weight_decay=1e-4, schedule="step", lr_steps=[120, 160]),
+    },
+    # MoCo v2: v1 + MLP head, T=0.2, aug+ (blur), cosine schedule.
+    "v2": {
+        "model": dict(arch="resnet50", small_stem=False, head="mlp", queue_size=65536, key_momentum=0.999,
+                      temperature=0.2),
+        "data": dict(augment="v2", image_size=224),
+        "optim": dict(epochs=200, lr=0.03, weight_decay=1e-4, schedule="cosine"),
+    },
+    # The official CIFAR-10 demo: R18 with a small stem, split BN in 8, K=4096, m=0.99, T=0.1.
+    "cifar": {
+        "model": dict(arch="resnet18", small_stem=True, head="linear", queue_size=4096, key_momentum=0.99,
+                      temperature=0.1, bn_splits=8),
+        "data": dict(dataset="cifar10", augment="v1", batch_size=512),
+        "optim": dict(epochs=200, lr=0.06, lr_batch_size=512, weight_decay=5e-4, schedule="cosine"),
+    },
+    # Seconds, for tests and trying things out.
+    "smoke": {
+        "model": dict(width=8, dim=32, queue_size=512),
+        "data": dict(batch_size=64, train_subset=2048),
+        "optim": dict(epochs=1),
+        "run": dict(knn_every=0, tensorboard=False),
+    },
+}
+
+
+def preset(name: str) -> PretrainConfig:
+    """The config of a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PretrainConfig(preset=name)
+    return apply_overrides(cfg, PRESETS[name])
+
+
+def apply_overrides(cfg: PretrainConfig, overrides: dict[str, Any]) -> PretrainConfig:
+    """A copy of `cfg` with `{section: {field: value}}` (or flat `{field: value}`) applied, type-checked."""
+    cfg = from_dict(asdict(cfg))
+    for key, value in overrides.items():
+        if key == "preset":
+            continue
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {key!r} must be a mapping of field: value")
+            for name, v in value.items():
+                _set(cfg, key, name, v)
+        else:
+            _set(cfg, section_of(key), key, value)
+    return cfg
+
+
+def section_of(name: str) -> str:
+    """The section that holds field `name` (field names are unique across sections)."""
+    for section in SECTIONS:
+        if name in _field_types(section):
+            return section
+    raise ConfigError(f"unknown config field {name!r}; see `moco pretrain --help` for the fields")
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    cls = type(getattr(PretrainConfig(), section))
+    return typing.get_type_hints(cls)
+
+
+def _set(cfg: PretrainConfig, section: str, name: str, value: Any) -> None:
+    types_ = _field_types(section)
+    if name not in types_:
+        raise ConfigError(f"unknown field {name!r} in config section {section!r}; allowed: {', '.join(types_)}")
+    setattr(getattr(cfg, section), name, coerce(value, types_[name], name))
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """`value` converted to type `tp` (int, float, str, bool, optional, list[int]); ConfigError if it can't be."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, args[0], name)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [coerce(v, item, name) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be of type {getattr(tp, '__name__', tp)}, got {value!r}") from None
+
+
+def from_dict(d: dict[str, Any]) -> PretrainConfig:
+    """The config stored by `asdict` (e.g. in a checkpoint)."""
+    cfg = PretrainConfig(preset=d.get("preset", "cpu"))
+    for section in SECTIONS:
+        for name, value in d.get(section, {}).items():
+            _set(cfg, section, name, value)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file, read with the safe loader (a config file can never run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, optim, run)")
+    return data
+
+
+def validate(cfg: PretrainConfig) -> PretrainConfig:
+    """Reject a config that cannot work, naming the field and the allowed values."""
+    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
+    from .model.backbones import BACKBONES
+    from .model.heads import HEADS
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(m.arch in BACKBONES, f"arch={m.arch!r} is unknown; choose one of {', '.join(BACKBONES)}")
+    need(m.head in HEADS, f"head={m.head!r} is unknown; choose one of {', '.join(HEADS)}")
+    need(d.dataset in DATASETS, f"dataset={d.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
+    need(d.augment in AUGMENTS, f"augment={d.augment!r} is unknown; choose one of {', '.join(AUGMENTS)}")
+    need(o.schedule in SCHEDULES, f"schedule={o.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    need(0.0 <= m.key_momentum < 1.0, f"key_momentum (m) must be in [0, 1), got {m.key_momentum}")
+    need(m.temperature > 0, f"temperature (T) must be > 0, got {m.temperature}")
+    need(m.width >= 1 and m.dim >= 1, "width and dim must be >= 1")
+    need(m.hidden_dim is None or m.hidden_dim >= 1, f"hidden_dim must be >= 1 or none, got {m.hidden_dim}")
+    need(m.bn_splits >= 1, f"bn_splits must be >= 1, got {m.bn_splits}")
+    need(d.batch_size >= 2, f"batch_size must be >= 2, got {d.batch_size}")
+    need(
+        d.batch_size % m.bn_splits == 0,
+        f"batch_size={d.batch_size} must be a multiple of bn_splits={m.bn_splits} (split BN); "
+        f"e.g. batch_size={max(m.bn_splits, d.batch_size // m.bn_splits * m.bn_splits)}",
+    )
+    keys_per_step = d.batch_size * (2 if m.symmetric else 1)
+    need(
+        m.queue_size >= keys_per_step,
+        f"queue_size K={m.queue_size} is smaller than the {keys_per_step} keys enqueued per step "
+        f"(batch_size{' x2 for symmetric' if m.symmetric else ''}); make K >= {keys_per_step}",
+    )
+    need(d.image_size is None or d.image_size >= 8, f"image_size must be >= 8 or none, got {d.image_size}")
+    need(d.train_subset is None or d.train_subset >= d.batch_size,
+         f"train_subset={d.train_subset} must be >= batch_size={d.batch_size}")
+    need(d.dataset != "folder" or d.data_root is not None, "dataset=folder needs data_root=PATH to the image folder")
+    need(o.epochs >= 1, f"epochs must be >= 1, got {o.epochs}")
+    need(o.lr > 0, f"lr must be > 0, got {o.lr}")
+    need(o.lr_batch_size >= 1, f"lr_batch_size must be >= 1, got {o.lr_batch_size}")
+    need(0 <= o.sgd_momentum < 1, f"sgd_momentum must be in [0, 1), got {o.sgd_momentum}")
+    need(o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay}")
+    need(0 <= o.warmup_epochs < o.epochs, f"warmup_epochs must be in [0, epochs={o.epochs}), got {o.warmup_epochs}")
+    need(r.knn_k >= 1 and r.knn_t > 0, f"knn_k must be >= 1 and knn_t > 0, got {r.knn_k}, {r.knn_t}")
+    need(r.knn_every >= -1, f"knn_every must be >= -1, got {r.knn_every}")
+    need(r.threads is None or r.threads >= 1, f"threads must be >= 1 or none, got {r.threads}")
+    need(r.device == "auto" or r.device.split(":")[0] in ("cpu", "cuda", "mps"),
+         f"device={r.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
+    return cfg
+
+
+def to_yaml(cfg: PretrainConfig) -> str:
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
+def all_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+    """(section, field, type) of every config field, for the command line."""
+    out = []
+    for section in SECTIONS:
+        hints = _field_types(section)
+        for f in fields(type(getattr(PretrainConfig(), section))):
+            out.append((section, f, hints[f.name]))
+    return out

@@ -1,0 +1,84 @@
+"""Weighted k-nearest-neighbour classification on frozen features (the standard kNN monitor).
+
+Each test feature votes with its k most cosine-similar training features, a neighbour of class c
+adding exp(sim / t) to c's score (Wu et al. 2018; the official MoCo CIFAR demo uses k=200, t=0.1).
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """L2-normalised features (N, D) of uint8 `images` (N, C, H, W), the backbone in eval mode."""
+    was_training = getattr(backbone, "training", False)
+    if isinstance(backbone, nn.Module):
+        backbone.eval()
+    out = []
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = transform(images[start : start + batch_size].to(device, non_blocking=True))  # (b, C, S, S)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(F.normalize(backbone(x).float().flatten(1), dim=1).cpu())  # (b, D)
+    finally:
+        if isinstance(backbone, nn.Module):
+            backbone.train(was_training)
+    return torch.cat(out)  # (N, D)
+
+
+@torch.no_grad()
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    t: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores (N_test, num_classes) of the weighted kNN vote; features must be L2-normalised."""
+    k = min(k, train_features.shape[0])
+    scores = []
+    for start in range(0, test_features.shape[0], chunk):
+        sim = test_features[start : start + chunk] @ train_features.T  # (n, N_train)
+        top_sim, top_idx = sim.topk(k, dim=1)  # (n, k)
+        weights = (top_sim / t).exp()  # (n, k)
+        votes = torch.zeros(top_idx.shape[0], num_classes, dtype=weights.dtype, device=weights.device)  # (n, C)
+        votes.scatter_add_(1, train_labels[top_idx], weights)  # (n, C)
+        scores.append(votes)
+    return torch.cat(scores)  # (N_test, C)
+
+
+def knn_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 200,
+    t: float = 0.1,
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) of the weighted kNN classifier."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, t)  # (N, C)
+    ranked = scores.topk(min(5, num_classes), dim=1).indices  # (N, 5)
+    hits = ranked == test_labels[:, None]  # (N, 5)
+    return {
+        "top1": 100.0 * hits[:, 0].float().mean().item(),
+        "top5": 100.0 * hits.any(dim=1).float().mean().item(),
+    }
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """Raw pixels as features: flattened, in [0, 1], L2-normalised, (N, C*H*W)."""
+    return F.normalize(images.flatten(1).float() / 255.0, dim=1)

@@ -1,0 +1,32 @@
+"""Build the MoCo model that a config describes, around a named or user-supplied backbone."""
+
+from torch import nn
+
+from ..config import ModelConfig
+from .backbones import build_backbone, feature_dim
+from .batchnorm import convert_split_bn
+from .heads import Encoder, build_head
+from .moco import MoCo
+
+
+def build_encoder(cfg: ModelConfig, in_channels: int, image_size: int, backbone: nn.Module | None = None) -> Encoder:
+    """backbone + projection head; `backbone` overrides cfg.arch with any module mapping images to (B, D)."""
+    if backbone is None:
+        backbone = build_backbone(cfg.arch, in_channels, cfg.width, cfg.small_stem)
+    width = feature_dim(backbone, in_channels, image_size)
+    head = build_head(cfg.head, width, cfg.dim, cfg.hidden_dim or width)
+    return Encoder(backbone, head)
+
+
+def build_moco(cfg: ModelConfig, in_channels: int, image_size: int, backbone: nn.Module | None = None) -> MoCo:
+    """MoCo with split BN (bn_splits sub-batches) in both encoders, as shuffling BN on one process."""
+    encoder = convert_split_bn(build_encoder(cfg, in_channels, image_size, backbone), cfg.bn_splits)
+    return MoCo(
+        encoder,
+        dim=cfg.dim,
+        K=cfg.queue_size,
+        m=cfg.key_momentum,
+        T=cfg.temperature,
+        symmetric=cfg.symmetric,
+        shuffle_bn=cfg.shuffle_bn,
+    )

@@ -1,0 +1,117 @@
+"""Momentum Contrast: a query encoder, a momentum key encoder and a queue of negative keys.
+
+    q = normalize(encoder_q(x_q))                       (B, D)
+    theta_k <- m * theta_k + (1 - m) * theta_q          before the keys are computed
+    k = unshuffle(normalize(encoder_k(shuffle(x_k))))   (B, D), no gradient
+    logits = [q . k, q . queue^T] / T                   (B, 1 + K), the positive at index 0
+    enqueue k, dequeue the oldest
+
+The loss stays outside: cross-entropy(logits, labels) with labels all 0 is InfoNCE.
+"""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+
+class MoCo(nn.Module):
+    """MoCo v1/v2 around a user's `encoder_q` (backbone + head, output `dim` wide).
+
+    Args:
+        encoder_q: the query encoder; the key encoder is a deep copy of it, never trained by SGD.
+        dim: width of the encoder's output (the embedding).
+        K: number of negative keys in the queue.
+        m: momentum of the key encoder, in [0, 1).
+        T: softmax temperature, > 0.
+        symmetric: also use the second view as queries against the first view's keys (doubles the
+            encoder work; the queue is fed once per step, with the keys of both views).
+        shuffle_bn: shuffle the keys' batch before the key encoder and unshuffle after, so that
+            split/per-device BN statistics cannot reveal the positive.
+    """
+
+    def __init__(
+        self,
+        encoder_q: nn.Module,
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.07,
+        symmetric: bool = False,
+        shuffle_bn: bool = True,
+    ) -> None:
+        super().__init__()
+        if K < 1:
+            raise ConfigError(f"queue size K must be >= 1, got {K}")
+        if not 0.0 <= m < 1.0:
+            raise ConfigError(f"key momentum m must be in [0, 1), got {m}")
+        if T <= 0:
+            raise ConfigError(f"temperature T must be > 0, got {T}")
+        self.K, self.m, self.T = K, m, T
+        self.symmetric = symmetric
+        self.shuffle_bn = shuffle_bn
+        self.encoder_q = encoder_q
+        self.encoder_k = copy.deepcopy(encoder_q)
+        self.encoder_k.requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))  # (K, D)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # index of the oldest key
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q, as one foreach lerp over all parameters."""
+        params_k = list(self.encoder_k.parameters())
+        params_q = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_lerp_(params_k, params_q, 1.0 - self.m)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write `keys` (B, D) over the B oldest entries of the queue, wrapping around its end."""
+        if keys.shape[0] > self.K:
+            raise ConfigError(f"a batch of {keys.shape[0]} keys does not fit a queue of K={self.K}; make K >= batch")
+        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K  # (B,)
+        self.queue.index_copy_(0, idx, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
+
+    def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random permutation of the batch and the indices that undo it."""
+        perm = torch.randperm(x.shape[0], device=x.device)  # (B,)
+        return x[perm], torch.argsort(perm)
+
+    @torch.no_grad()
+    def keys(self, x_k: torch.Tensor) -> torch.Tensor:
+        """L2-normalised keys (B, D) of the key encoder, computed on a shuffled batch when shuffle_bn."""
+        if not self.shuffle_bn:
+            return F.normalize(self.encoder_k(x_k).float(), dim=1)
+        x_k, unshuffle = self.shuffle(x_k)
+        k = F.normalize(self.encoder_k(x_k).float(), dim=1)  # (B, D), shuffled order
+        return k[unshuffle]  # (B, D), batch order
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """[q . k+, q . queue] / T, shape (B, 1 + K); the positive is column 0."""
+        l_pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
+        # A copy: autograd keeps the queue for q's gradient, and enqueue() overwrites it in place before backward.
+        l_neg = q @ self.queue.clone().T  # (B, K); the queue is a buffer: no gradient into it
+        return torch.cat([l_pos, l_neg], dim=1) / self.T  # (B, 1 + K)
+
+    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views (B, C, H, W) of the same images -> logits (B', 1 + K) and labels (B',) of zeros.
+
+        B' = B, or 2B with the symmetric loss (both views as queries).
+        """
+        q = F.normalize(self.encoder_q(x_q).float(), dim=1)  # (B, D)
+        self.momentum_update()
+        k = self.keys(x_k)  # (B, D)
+        if self.symmetric:
+            q2 = F.normalize(self.encoder_q(x_k).float(), dim=1)  # (B, D)
+            k2 = self.keys(x_q)  # (B, D)
+            logits = torch.cat([self.logits(q, k), self.logits(q2, k2)])  # (2B, 1 + K)
+            keys = torch.cat([k, k2])  # (2B, D)
+        else:
+            logits = self.logits(q, k)  # (B, 1 + K)
+            keys = k
+        self.enqueue(keys)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # (B',)
+        return logits, labels

@@ -1,0 +1,89 @@
+"""Checkpoints: complete (everything a resumed run needs), atomic, and safe to load.
+
+A checkpoint is a dict of tensors and plain Python values saved with `torch.save`:
+    format, version     what kind of file this is
+    config              the run's config as a dict (dataclasses.asdict)
+    epoch, step         completed epochs and optimizer steps
+    model               MoCo state_dict: encoder_q.*, encoder_k.*, queue, queue_ptr
+    optimizer           SGD state (momentum buffers)
+    rng                 torch RNG states (CPU, CUDA)
+    metrics             the last epoch's metrics
+Loading uses `torch.load(weights_only=True)`, which cannot execute code from the file.
+"""
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+FORMAT = "moco-pretrain"
+VERSION = 1
+LAST = "checkpoint.pt"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` atomically: a temporary file in the same folder, fsynced, then renamed.
+
+    A crash at any moment leaves either the previous file or the new one, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by `save_checkpoint`; CheckpointError if it is missing, corrupt or of another kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds objects that a safe load refuses (it may run code), so it was not loaded: {e}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        kind = state.get("format", "unknown") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path} is not a momentum-contrast pretraining checkpoint (format: {kind}); "
+            "to evaluate weights from elsewhere use the evaluation commands"
+        )
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} is checkpoint version {state.get('version')}; this moco reads version {VERSION}")
+    return state
+
+
+def find_resume(spec: str, out_dir: str | Path) -> Path | None:
+    """The checkpoint meant by --resume: a path, or `auto` for the run directory's last one (None if none)."""
+    if spec == "auto":
+        path = Path(out_dir) / LAST
+        return path if path.is_file() else None
+    path = Path(spec)
+    if path.is_dir():
+        path = path / LAST
+    if not path.is_file():
+        raise CheckpointError(f"--resume {spec}: no checkpoint at {path}")
+    return path

@@ -1,0 +1,122 @@
+"""What a run shows and records: metrics (JSON lines, TensorBoard) and diagnostics.
+
+The diagnostics catch the two most common MoCo complaints early: "the loss is stuck" and collapse.
+"""
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MetricsLog:
+    """Appends metrics to `metrics.jsonl` in the run folder and, optionally, to TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True) -> None:
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+    def log(self, step: int, tag: str, values: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "step": step, "tag": tag, **values}) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{tag}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MocoWarning(UserWarning):
+    """A diagnostic about a run that is probably not going to learn well."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, MocoWarning, stacklevel=2)
+
+
+def check_queue_size(K: int, keys_per_epoch: int) -> None:
+    """Warn when the queue holds about an epoch of keys or more: it then holds an earlier key of the
+    query's own image, a negative that is really a positive (a false negative)."""
+    if K >= keys_per_epoch:
+        warn(
+            f"queue size K={K} >= the {keys_per_epoch} keys of one epoch: every image's own earlier key sits "
+            f"in the queue as a negative; use K <= {keys_per_epoch // 4} for this data set"
+        )
+    elif K > keys_per_epoch // 2:
+        warn(
+            f"queue size K={K} is close to the {keys_per_epoch} keys of one epoch: many images will meet their "
+            f"own earlier key as a negative; use K <= {keys_per_epoch // 4} for this data set"
+        )
+
+
+class LossWatch:
+    """Compares the loss of the first steps after the queue is filled with real keys to log(K+1).
+
+    Before training has done much, every key looks alike and InfoNCE over 1 + K candidates is near
+    log(K + 1) (11.09 for K=65536). Far above: the positive is scored below the negatives (a bug, a
+    too small T, a too high lr). Far below: the pretext task is too easy from the start, usually BN
+    statistics leaking the positive (shuffle_bn off) or too weak augmentation. After the first epoch,
+    a loss still near log(K + 1) means the model is not learning.
+    """
+
+    def __init__(self, K: int, keys_per_step: int, window: int = 10) -> None:
+        self.chance = math.log(K + 1)
+        self.first_full_step = math.ceil(K / keys_per_step)  # the random initial keys are gone from then on
+        self.window = window
+        self.losses: list[float] = []
+        self.checked = False
+
+    def step(self, step: int, loss: float) -> None:
+        if self.checked or step < self.first_full_step:
+            return
+        self.losses.append(loss)
+        if len(self.losses) < self.window:
+            return
+        self.checked = True
+        mean = sum(self.losses) / len(self.losses)
+        if mean > self.chance + 1.0:
+            warn(
+                f"the first losses ({mean:.2f}) are well above log(K+1)={self.chance:.2f}: positives score below "
+                "negatives; check the temperature (too small?), the learning rate (too high?) and a custom encoder"
+            )
+        elif mean < 0.5 * self.chance:
+            warn(
+                f"the first losses ({mean:.2f}) are far below log(K+1)={self.chance:.2f}: the task is too easy from "
+                "the start; keep shuffle_bn on with bn_splits > 1 (BN statistics leak the positive) and use "
+                "stronger augmentation"
+            )
+
+    def epoch_end(self, mean_loss: float) -> None:
+        if mean_loss > 0.97 * self.chance:
+            warn(
+                f"the loss ({mean_loss:.2f}) is stuck near log(K+1)={self.chance:.2f} after an epoch: the model is "
+                "not learning; try a higher lr, a higher temperature, or check the augmentations"
+            )
+
+
+def key_spread(queue: torch.Tensor) -> float:
+    """Mean per-dimension std of the normalised keys (K, D), times sqrt(D).
+
+    About 1 for keys spread over the sphere, 0 when every key is the same vector (collapse).
+    """
+    return (queue.float().std(dim=0).mean() * math.sqrt(queue.shape[1])).item()
+
+
+def check_collapse(spread: float, threshold: float = 0.1) -> None:
+    if spread < threshold:
+        warn(
+            f"the embedding is collapsing: keys' spread {spread:.3f} (1 = spread out, 0 = all keys equal); "
+            "check key_momentum (too low?), lr (too high?) and that shuffle_bn is on"
+        )

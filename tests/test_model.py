@@ -1,0 +1,222 @@
+"""The MoCo algorithm, piece by piece, against hand computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco.errors import ConfigError
+from moco.model import MoCo, SmallCNN, SplitBatchNorm2d, build_encoder, convert_split_bn
+from moco.config import ModelConfig
+
+
+class Linear(nn.Module):
+    """A tiny encoder without BN, so keys are an exact function of the inputs."""
+
+    def __init__(self, d_in: int = 6, d_out: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def tiny_moco(K=8, dim=4, m=0.9, T=0.5, **kw) -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(Linear(6, dim), dim=dim, K=K, m=m, T=T, **kw)
+
+
+def test_queue_is_fifo_and_wraps_with_a_partial_batch():
+    model = tiny_moco(K=5, dim=2)
+    batches = [torch.full((2, 2), float(i)) for i in (1, 2, 3)] + [torch.full((1, 2), 4.0)]
+    for b in batches:
+        model.enqueue(b)
+    # 1,1 | 2,2 | 3 then wrap: 3 | 4 -> rows [3, 4, 2, 2, 3]? Trace: ptr 0 -> 2 -> 4 -> (4,0) -> 1 -> 2
+    assert model.queue[:, 0].tolist() == [3.0, 4.0, 2.0, 2.0, 3.0]
+    assert int(model.queue_ptr) == 2
+    # The oldest entries (index 2, 3: batch "2") go next.
+    model.enqueue(torch.full((3, 2), 5.0))
+    assert model.queue[:, 0].tolist() == [3.0, 4.0, 5.0, 5.0, 5.0]
+    assert int(model.queue_ptr) == 0
+
+
+def test_a_batch_larger_than_the_queue_is_refused():
+    model = tiny_moco(K=4)
+    with pytest.raises(ConfigError, match="K=4"):
+        model.enqueue(torch.zeros(5, 4))
+
+
+def test_momentum_update_matches_hand_computation():
+    model = tiny_moco(m=0.9)
+    with torch.no_grad():
+        model.encoder_q.fc.weight.fill_(1.0)
+        model.encoder_k.fc.weight.fill_(3.0)
+        model.encoder_q.fc.bias.fill_(-2.0)
+        model.encoder_k.fc.bias.fill_(0.0)
+    model.momentum_update()
+    assert torch.allclose(model.encoder_k.fc.weight, torch.full_like(model.encoder_k.fc.weight, 0.9 * 3 + 0.1 * 1))
+    assert torch.allclose(model.encoder_k.fc.bias, torch.full_like(model.encoder_k.fc.bias, -0.2))
+    # The query encoder is untouched.
+    assert torch.all(model.encoder_q.fc.weight == 1.0)
+
+
+def test_key_encoder_starts_as_a_copy_and_m0_copies():
+    model = tiny_moco(m=0.0)
+    for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
+        assert torch.equal(pq, pk) and pq.data_ptr() != pk.data_ptr()
+    with torch.no_grad():
+        model.encoder_q.fc.weight.add_(1.0)
+    model.momentum_update()
+    assert torch.equal(model.encoder_q.fc.weight, model.encoder_k.fc.weight)
+
+
+def test_momentum_update_happens_before_the_keys():
+    model = tiny_moco(m=0.5, shuffle_bn=False)
+    with torch.no_grad():
+        model.encoder_k.fc.weight.zero_()
+        model.encoder_k.fc.bias.zero_()
+    x = torch.randn(3, 6)
+    model(x, x)
+    expected = F.normalize(0.5 * model.encoder_q(x), dim=1)  # keys of the updated (half) key encoder
+    k_ptr = model.queue[:3]
+    assert torch.allclose(k_ptr, expected.detach(), atol=1e-6)
+
+
+def test_infonce_logits_match_hand_computation():
+    model = tiny_moco(K=3, dim=2, T=0.5, shuffle_bn=False)
+    with torch.no_grad():
+        model.queue.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    q = torch.tensor([[0.6, 0.8]])
+    k = torch.tensor([[0.0, 1.0]])
+    logits = model.logits(q, k)
+    assert torch.allclose(logits, torch.tensor([[0.8, 0.6, 0.8, -0.6]]) / 0.5)
+    loss = F.cross_entropy(logits, torch.zeros(1, dtype=torch.long))
+    e = [math.exp(v / 0.5) for v in (0.8, 0.6, 0.8, -0.6)]
+    assert loss.item() == pytest.approx(-math.log(e[0] / sum(e)), rel=1e-6)
+
+
+def test_forward_returns_logits_labels_and_enqueues_the_keys():
+    model = tiny_moco(K=8, dim=4, T=0.2, shuffle_bn=False)
+    queue_before = model.queue.clone()
+    x_q, x_k = torch.randn(3, 6), torch.randn(3, 6)
+    logits, labels = model(x_q, x_k)
+    assert logits.shape == (3, 9) and labels.tolist() == [0, 0, 0]
+    q = F.normalize(model.encoder_q(x_q), dim=1)
+    k = F.normalize(model.encoder_k(x_k), dim=1)  # already updated before the keys
+    assert torch.allclose(logits[:, 0], (q * k).sum(1) / 0.2, atol=1e-5)
+    # The negatives are the queue as it was before this batch's keys went in.
+    assert torch.allclose(logits[:, 1:], q @ queue_before.T / 0.2, atol=1e-5)
+    assert torch.allclose(model.queue[:3], k, atol=1e-6)
+    assert torch.allclose(model.queue.norm(dim=1), torch.ones(8))
+
+
+def test_no_gradient_reaches_the_key_encoder_or_the_queue():
+    model = tiny_moco()
+    logits, labels = model(torch.randn(4, 6), torch.randn(4, 6))
+    F.cross_entropy(logits, labels).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_q.parameters())
+    assert not model.queue.requires_grad
+
+
+def test_symmetric_loss_uses_both_views_and_enqueues_once():
+    model = tiny_moco(K=8, symmetric=True, shuffle_bn=False)
+    x1, x2 = torch.randn(3, 6), torch.randn(3, 6)
+    logits, labels = model(x1, x2)
+    assert logits.shape == (6, 9) and labels.shape == (6,)
+    assert int(model.queue_ptr) == 6  # one enqueue of both views' keys
+    q2 = F.normalize(model.encoder_q(x2), dim=1)
+    k1 = F.normalize(model.encoder_k(x1), dim=1)
+    assert torch.allclose(logits[3:, 0], (q2 * k1).sum(1) / model.T, atol=1e-5)
+
+
+def test_shuffle_and_unshuffle_are_inverse():
+    model = tiny_moco()
+    x = torch.arange(10.0)[:, None].repeat(1, 6)
+    shuffled, unshuffle = model.shuffle(x)
+    assert not torch.equal(shuffled, x)  # a permutation of 10 is the identity with prob 1/10!
+    assert torch.equal(shuffled[unshuffle], x)
+
+
+def test_shuffled_keys_equal_unshuffled_keys_without_bn():
+    model = tiny_moco()
+    x = torch.randn(16, 6)
+    model.shuffle_bn = True
+    k_shuffled = model.keys(x)
+    model.shuffle_bn = False
+    assert torch.allclose(k_shuffled, model.keys(x), atol=1e-6)
+
+
+def test_shuffle_changes_the_bn_groups_of_keys():
+    """With split BN, a key computed on a shuffled batch differs from the same key unshuffled:
+    the BN statistics came from other images."""
+    torch.manual_seed(0)
+    enc = convert_split_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten()), 4)
+    model = MoCo(enc, dim=4 * 4 * 4, K=64, shuffle_bn=False)
+    x = torch.randn(16, 1, 6, 6)
+    plain = model.keys(x)
+    model.shuffle_bn = True
+    assert not torch.allclose(model.keys(x), plain, atol=1e-4)
+
+
+def test_split_bn_equals_separate_bn_on_sub_batches():
+    torch.manual_seed(0)
+    split = SplitBatchNorm2d(3, splits=4)
+    with torch.no_grad():
+        split.weight.uniform_(0.5, 2)
+        split.bias.uniform_(-1, 1)
+    plain = nn.BatchNorm2d(3)
+    plain.load_state_dict({k: v for k, v in split.state_dict().items()})
+    x = torch.randn(16, 3, 5, 5) * 3 + 1
+    y = split(x)
+    running_means = []
+    for g in range(4):
+        ref = nn.BatchNorm2d(3)
+        ref.load_state_dict(plain.state_dict())
+        assert torch.allclose(y[g::4], ref(x[g::4]), atol=1e-5)  # sub-batch g = samples g, g+4, ...
+        running_means.append(ref.running_mean)
+    assert torch.allclose(split.running_mean, torch.stack(running_means).mean(0), atol=1e-6)
+    split.eval()
+    plain.load_state_dict(split.state_dict())
+    plain.eval()
+    assert torch.allclose(split(x), plain(x))
+
+
+def test_split_bn_rejects_a_batch_that_does_not_divide():
+    with pytest.raises(ValueError, match="multiple of bn_splits"):
+        SplitBatchNorm2d(3, splits=4)(torch.randn(6, 3, 2, 2))
+
+
+def test_convert_split_bn_keeps_the_state():
+    net = SmallCNN(1, 4)
+    net.features[1].running_mean.fill_(0.5)
+    convert_split_bn(net, 2)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 4 and all(isinstance(m, SplitBatchNorm2d) for m in bns)
+    assert torch.all(net.features[1].running_mean == 0.5)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_encoders_for_small_images(arch):
+    cfg = ModelConfig(arch=arch, width=8, dim=16)
+    enc = build_encoder(cfg, in_channels=1, image_size=28)
+    assert enc(torch.randn(2, 1, 28, 28)).shape == (2, 16)
+
+
+def test_a_user_backbone_without_out_dim_is_measured():
+    backbone = nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    enc = build_encoder(ModelConfig(head="linear", dim=7), in_channels=3, image_size=16, backbone=backbone)
+    assert enc.head.in_features == 5 and enc(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+
+
+def test_a_user_backbone_with_a_wrong_output_is_explained():
+    with pytest.raises(ConfigError, match="global pool"):
+        build_encoder(ModelConfig(), 3, 16, backbone=nn.Conv2d(3, 5, 3))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(K=0), "K"), (dict(m=1.0), "momentum"), (dict(T=0.0), "temperature")])
+def test_bad_hyper_parameters_are_refused(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_moco(**kw)
