@@ -1,0 +1,96 @@
+"""Config: presets, YAML, command-line flags, validation before any work starts."""
+
+import pytest
+
+from moco import config as C
+from moco.cli import build_parser, resolve_pretrain_config
+from moco.errors import ConfigError
+
+
+def parse(*argv):
+    return resolve_pretrain_config(build_parser().parse_args(["pretrain", *argv]))
+
+
+def test_every_preset_is_valid_and_the_papers_recipes_are_right():
+    for name in C.PRESETS:
+        C.validate(C.preset(name))
+    v1, v2 = C.preset("v1"), C.preset("v2")
+    assert (v1.model.queue_size, v1.model.key_momentum, v1.model.temperature, v1.model.head) == (65536, 0.999, 0.07, "linear")
+    assert (v1.optim.lr, v1.optim.weight_decay, v1.optim.schedule, v1.optim.lr_steps) == (0.03, 1e-4, "step", [120, 160])
+    assert (v2.model.temperature, v2.model.head, v2.data.augment, v2.optim.schedule) == (0.2, "mlp", "v2", "cosine")
+
+
+def test_flags_override_the_yaml_file_which_overrides_the_preset(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: v1\nmodel:\n  queue_size: 1024\n  temperature: 0.1\noptim:\n  lr: 0.5\n")
+    cfg, resume = parse("--config", str(f), "--temperature", "0.3", "--lr-steps", "3", "4", "--no-shuffle-bn")
+    assert cfg.preset == "v1" and cfg.model.arch == "resnet50"  # from the preset
+    assert cfg.model.queue_size == 1024 and cfg.optim.lr == 0.5  # from the file
+    assert cfg.model.temperature == 0.3 and cfg.optim.lr_steps == [3, 4] and cfg.model.shuffle_bn is False
+    assert resume is None
+
+
+def test_flat_yaml_fields_and_optional_values(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("queue_size: 2048\nimage_size: null\nthreads: 1\n")
+    cfg, _ = parse("--config", str(f), "--hidden-dim", "none")
+    assert cfg.model.queue_size == 2048 and cfg.data.image_size is None and cfg.run.threads == 1
+    assert cfg.model.hidden_dim is None
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--queue-size", "128"], "queue_size K=128 is smaller than the 256 keys"),
+        (["--queue-size", "300", "--symmetric"], "x2 for symmetric"),
+        (["--key-momentum", "1.0"], r"key_momentum \(m\) must be in \[0, 1\)"),
+        (["--key-momentum", "-0.1"], "key_momentum"),
+        (["--temperature", "0"], r"temperature \(T\) must be > 0"),
+        (["--arch", "vgg"], "choose one of small_cnn, resnet18"),
+        (["--dataset", "imagenet"], "choose one of fashion-mnist"),
+        (["--batch-size", "100"], "multiple of bn_splits=8"),
+        (["--lr", "abc"], "lr must be of type float"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--dataset", "folder"], "needs data_root"),
+        (["--device", "tpu"], "device='tpu' is unknown"),
+        (["--warmup-epochs", "9"], "warmup_epochs"),
+    ],
+)
+def test_configs_that_cannot_work_are_rejected_naming_the_field(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse(*argv)
+
+
+def test_unknown_fields_and_presets_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset"):
+        C.preset("v9")
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  queue: 3\n")
+    with pytest.raises(ConfigError, match="unknown field 'queue' in config section 'model'"):
+        parse("--config", str(f))
+    f.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse("--config", str(f))
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse("--config", str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    f = tmp_path / "evil.yaml"
+    marker = tmp_path / "pwned"
+    f.write_text(f"!!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError):
+        parse("--config", str(f))
+    assert not marker.exists()
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = C.apply_overrides(C.preset("cifar"), {"model": {"symmetric": True}, "lr_steps": [5]})
+    assert C.from_dict(C.asdict(cfg)) == cfg
+
+
+def test_every_config_field_has_a_flag_with_help():
+    helps = {a.dest: a.help for g in build_parser()._subparsers._group_actions[0].choices["pretrain"]._actions
+             for a in [g]}
+    for _, f, _ in C.all_fields():
+        assert f.name in helps and len(helps[f.name]) > 15, f.name
