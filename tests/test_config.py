@@ -53,7 +53,7 @@ def test_flat_yaml_fields_and_optional_values(tmp_path):
         (["--epochs", "0"], "epochs must be >= 1"),
         (["--dataset", "folder"], "needs data_root"),
         (["--device", "tpu"], "device='tpu' is unknown"),
-        (["--warmup-epochs", "9"], "warmup_epochs"),
+        (["--warmup-epochs", "25"], "warmup_epochs"),
     ],
 )
 def test_configs_that_cannot_work_are_rejected_naming_the_field(argv, match):

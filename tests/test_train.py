@@ -28,36 +28,48 @@ def tiny(tmp_path, **overrides) -> C.PretrainConfig:
 
 
 def test_a_short_real_run_lowers_the_loss_and_beats_a_random_encoder(tmp_path):
-    cfg = tiny(tmp_path, model=dict(width=16, queue_size=1024), data=dict(batch_size=128, train_subset=6144),
-               optim=dict(epochs=3, lr=0.12), run=dict(knn_every=1))
+    cfg = tiny(tmp_path, model=dict(width=16, queue_size=1024), data=dict(batch_size=128, train_subset=8192),
+               optim=dict(epochs=4, schedule="constant"), run=dict(knn_every=2))
     result = pretrain(cfg, echo=lambda s: None)
     lines = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["tag"] == "train"]
     epochs = [r for r in lines if r["tag"] == "epoch"]
-    assert len(epochs) == 3 and all("knn_top1" in r for r in epochs)
-    assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.3
+    assert [r["epoch"] for r in epochs if "knn_top1" in r] == [2, 4]
+    assert epochs[-1]["loss"] < epochs[0]["loss"] - 0.3, [r["loss"] for r in epochs]
     assert train[-1]["loss"] < train[1]["loss"]
     random, pixels = result.baselines["random encoder"]["top1"], result.baselines["raw pixels"]["top1"]
     assert result.knn["top1"] > random + 3, (result.knn, random)
     assert 60 < pixels < 90  # kNN on 6,144 raw Fashion-MNIST images
 
 
+class Killed(Exception):
+    pass
+
+
+def kill_after_epoch(n: int):
+    """An echo that stops the run while it reports epoch n + 1: epoch n's checkpoint is the last one."""
+
+    def echo(line: str) -> None:
+        if line.startswith(f"epoch {n + 1}:"):
+            raise Killed
+
+    return echo
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
-    straight = tiny(tmp_path / "a", optim=dict(epochs=2))
-    pretrain(straight, baselines=False, echo=lambda s: None)
+    cfg = tiny(tmp_path / "a", optim=dict(epochs=3))
+    pretrain(cfg, baselines=False, echo=lambda s: None)
     full = load_checkpoint(tmp_path / "a" / "run" / "checkpoint.pt")
 
-    first = tiny(tmp_path / "b", optim=dict(epochs=1))
-    pretrain(first, baselines=False, echo=lambda s: None)
+    cfg = tiny(tmp_path / "b", optim=dict(epochs=3))
+    with pytest.raises(Killed):
+        pretrain(cfg, baselines=False, echo=kill_after_epoch(1))  # epoch 2 is computed, then lost
     ckpt = tmp_path / "b" / "run" / "checkpoint.pt"
-    half = load_checkpoint(ckpt)
-    assert half["epoch"] == 1 and half["config"]["optim"]["epochs"] == 1
-    # Resume with the stored config, extended to 2 epochs (as `--resume PATH --epochs 2` does).
-    cfg = C.apply_overrides(C.from_dict(half["config"]), {"epochs": 2})
+    assert load_checkpoint(ckpt)["epoch"] == 1
     pretrain(cfg, resume=ckpt, baselines=False, echo=lambda s: None)
     resumed = load_checkpoint(ckpt)
 
-    assert resumed["epoch"] == full["epoch"] == 2 and resumed["step"] == full["step"]
+    assert resumed["epoch"] == full["epoch"] == 3 and resumed["step"] == full["step"]
     for name, value in full["model"].items():
         assert torch.equal(value, resumed["model"][name]), name  # both encoders, queue, queue_ptr
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):

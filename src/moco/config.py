@@ -13,10 +13,9 @@ from typing import Any
 
 import yaml
 
+from .data.augment import AUGMENT_PRESETS as AUGMENTS
+from .data.sources import DATASETS
 from .errors import ConfigError
-
-DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100", "folder")
-AUGMENTS = ("v1", "v2", "crop", "none")
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -32,7 +31,7 @@ class ModelConfig:
     """The encoder and the contrastive task."""
 
     arch: str = opt("small_cnn", "small_cnn | resnet18 | resnet34 | resnet50")
-    width: int = opt(32, "small_cnn only: channels of the first stage (then 2x, 4x, 8x)")
+    width: int = opt(16, "small_cnn only: channels of the first stage (then 2x, 4x, 8x)")
     small_stem: bool = opt(True, "resnets: 3x3 stride-1 stem, no max-pool (for 28-64 px images)")
     head: str = opt("mlp", "linear (v1) | mlp (v2)")
     dim: int = opt(128, "embedding width")
@@ -53,6 +52,7 @@ class DataConfig:
     data_root: str | None = opt(None, "folder of the data set (required for folder)")
     image_size: int | None = opt(None, "crop size; None: the images' own size (64 for folders)")
     augment: str = opt("v2", "v1 | v2 (aug+) | crop | none")
+    crop_min_scale: float = opt(0.2, "smallest area of a random resized crop, as a fraction of the image")
     batch_size: int = opt(256, "images per step (the global batch)")
     train_subset: int | None = opt(None, "use only the first N training images")
     strict: bool = opt(False, "folders: fail on the first unreadable image instead of skipping it")
@@ -62,7 +62,7 @@ class DataConfig:
 class OptimConfig:
     """SGD and its learning-rate schedule."""
 
-    epochs: int = opt(8, "passes over the training images")
+    epochs: int = opt(20, "passes over the training images")
     lr: float = opt(0.06, "for a batch of lr_batch_size; scaled linearly with the batch size")
     lr_batch_size: int = opt(256, "images per step (the global batch)")
     sgd_momentum: float = opt(0.9, "SGD momentum")
@@ -81,7 +81,7 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     threads: int | None = opt(None, "torch CPU threads; None: torch's default")
     channels_last: bool = opt(True, "channels-last memory format (faster convolutions)")
-    knn_every: int = opt(1, "kNN monitor every N epochs (0: only at the end; -1: never)")
+    knn_every: int = opt(5, "kNN monitor every N epochs (0: only at the end; -1: never)")
     knn_k: int = opt(200, "kNN neighbours")
     knn_t: float = opt(0.1, "kNN temperature of the vote weights exp(sim/t)")
     tensorboard: bool = opt(True, "write TensorBoard events to out_dir/tensorboard")
@@ -270,6 +270,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         f"queue_size K={m.queue_size} is smaller than the {keys_per_step} keys enqueued per step "
         f"(batch_size{' x2 for symmetric' if m.symmetric else ''}); make K >= {keys_per_step}",
     )
+    need(0 < d.crop_min_scale <= 1, f"crop_min_scale must be in (0, 1], got {d.crop_min_scale}")
     need(d.image_size is None or d.image_size >= 8, f"image_size must be >= 8 or none, got {d.image_size}")
     need(d.train_subset is None or d.train_subset >= d.batch_size,
          f"train_subset={d.train_subset} must be >= batch_size={d.batch_size}")

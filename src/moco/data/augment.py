@@ -459,7 +459,7 @@ class BatchAugment(_Normalising):
 
 
 def build_augment(
-    preset: str, size: int, mean: Sequence[float], std: Sequence[float]
+    preset: str, size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2
 ) -> BatchAugment:
     """The augmentation of a named preset, sized for ``size``-px outputs.
 
@@ -469,17 +469,22 @@ def build_augment(
       grayscale p=0.2, Gaussian blur p=0.5 (sigma and kernel scaled to ``size``), flip.
     * ``"crop"``: crop (scale 0.2-1) and flip only.
     * ``"none"``: resize and normalise only; the same output as `EvalTransform`.
+
+    ``min_scale`` is the smallest crop area (0.2 in the papers).
     """
+    crop = (min_scale, 1.0)
     if preset == "v1":
         return BatchAugment(
-            size, mean, std, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, blur_p=0.0
+            size, mean, std, crop_scale=crop, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2,
+            blur_p=0.0,
         )
     if preset == "v2":
         return BatchAugment(
-            size, mean, std, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5
+            size, mean, std, crop_scale=crop, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
+            blur_p=0.5,
         )
     if preset == "crop":
-        return BatchAugment(size, mean, std, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+        return BatchAugment(size, mean, std, crop_scale=crop, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
     if preset == "none":
         return BatchAugment(
             size, mean, std, crop_scale=None, flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0

@@ -134,7 +134,7 @@ def pretrain(
     model = build_moco(m, train.channels, data.size, backbone).to(device)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
-    augment = build_augment(d.augment, data.size, data.mean, data.std).to(device)
+    augment = build_augment(d.augment, data.size, data.mean, data.std, d.crop_min_scale).to(device)
     optimizer = build_optimizer(model.encoder_q.parameters(), o, d.batch_size)
     knn = Knn(data, cfg, device) if data.test is not None else None
 

@@ -1,0 +1,150 @@
+"""The training loop's parts: schedule, checkpoints, diagnostics, kNN."""
+
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from moco.config import OptimConfig
+from moco.errors import CheckpointError
+from moco.evaluate.knn import knn_accuracy, knn_scores
+from moco.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from moco.train.observe import LossWatch, MocoWarning, check_collapse, check_queue_size, key_spread
+from moco.train.optim import lr_at, scaled_lr
+
+
+def test_lr_scales_linearly_with_the_batch():
+    assert scaled_lr(OptimConfig(lr=0.03, lr_batch_size=256), 1024) == pytest.approx(0.12)
+
+
+def test_cosine_schedule_with_warmup_per_iteration():
+    cfg = OptimConfig(epochs=10, lr=0.1, schedule="cosine", warmup_epochs=2)
+    lr = [lr_at(s, 100, cfg, 256) for s in range(1000)]
+    assert lr[0] == 0 and lr[100] == pytest.approx(0.05) and lr[200] == pytest.approx(0.1)
+    assert lr[600] == pytest.approx(0.05)  # halfway through the cosine part
+    assert lr[999] < 1e-4 and all(a >= b for a, b in zip(lr[200:], lr[201:]))
+
+
+def test_step_schedule_drops_tenfold_at_each_milestone():
+    cfg = OptimConfig(epochs=200, lr=0.03, schedule="step", lr_steps=[120, 160])
+    assert lr_at(119 * 10, 10, cfg, 256) == pytest.approx(0.03)
+    assert lr_at(120 * 10, 10, cfg, 256) == pytest.approx(0.003)
+    assert lr_at(199 * 10, 10, cfg, 256) == pytest.approx(0.0003)
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"epoch": 3, "model": {"w": torch.arange(4.0)}, "config": {"a": [1, 2]}}, path)
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.arange(4.0)) and state["config"] == {"a": [1, 2]}
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a momentum-contrast pretraining checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "bad.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+class Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = None
+
+
+def test_a_malicious_pickle_checkpoint_is_refused_without_running(tmp_path):
+    global MARKER
+    MARKER = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "moco-pretrain", "version": 1, "x": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refuses"):
+        load_checkpoint(path)
+    assert not MARKER.exists()
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"epoch": 1}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_find_resume(tmp_path):
+    assert find_resume("auto", tmp_path) is None
+    save_checkpoint({}, tmp_path / "checkpoint.pt")
+    assert find_resume("auto", tmp_path) == tmp_path / "checkpoint.pt"
+    assert find_resume(str(tmp_path), "elsewhere") == tmp_path / "checkpoint.pt"
+    with pytest.raises(CheckpointError):
+        find_resume(str(tmp_path / "nope.pt"), tmp_path)
+
+
+def warned(fn, *args) -> list[str]:
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fn(*args)
+    return [str(x.message) for x in w if issubclass(x.category, MocoWarning)]
+
+
+def test_queue_size_warnings():
+    assert warned(check_queue_size, 4096, 60000) == []
+    assert "close to" in warned(check_queue_size, 40000, 60000)[0]
+    assert "every image's own earlier key" in warned(check_queue_size, 65536, 60000)[0]
+
+
+def test_loss_watch_compares_the_first_full_queue_losses_with_chance():
+    chance = math.log(4097)
+
+    def run(losses):
+        watch = LossWatch(4096, 256, window=5)
+        assert watch.first_full_step == 16
+        return warned(lambda: [watch.step(16 + i, x) for i, x in enumerate(losses)])
+
+    assert run([chance - 0.3] * 5) == []
+    assert "well above" in run([chance + 2] * 5)[0]
+    assert "far below" in run([1.0] * 5)[0]
+    watch = LossWatch(4096, 256)
+    assert warned(lambda: watch.step(3, 100.0)) == []  # the queue still holds its random initial keys
+    assert "stuck" in warned(watch.epoch_end, chance - 0.05)[0]
+    assert warned(watch.epoch_end, chance - 1.0) == []
+
+
+def test_collapse_is_detected_from_the_keys_spread():
+    spread_out = torch.nn.functional.normalize(torch.randn(4096, 128), dim=1)
+    collapsed = torch.nn.functional.normalize(torch.ones(4096, 128) + 1e-3 * torch.randn(4096, 128), dim=1)
+    assert key_spread(spread_out) == pytest.approx(1.0, abs=0.05)
+    assert key_spread(collapsed) < 0.05
+    assert warned(check_collapse, key_spread(spread_out)) == []
+    assert "collapsing" in warned(check_collapse, key_spread(collapsed))[0]
+
+
+def test_weighted_knn_matches_a_brute_force_vote():
+    g = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    test = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=1)
+    labels = torch.randint(0, 3, (50,), generator=g)
+    k, t = 5, 0.1
+    scores = knn_scores(train, labels, test, 3, k, t, chunk=3)
+    for i in range(7):
+        sims = [(float(test[i] @ train[j]), j) for j in range(50)]
+        expected = [0.0, 0.0, 0.0]
+        for s, j in sorted(sims, reverse=True)[:k]:
+            expected[int(labels[j])] += math.exp(s / t)
+        assert scores[i].tolist() == pytest.approx(expected, rel=1e-5)
+    acc = knn_accuracy(train, labels, test, scores.argmax(1), k, t)
+    assert acc["top1"] == 100.0 and acc["top5"] == 100.0
