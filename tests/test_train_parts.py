@@ -111,14 +111,14 @@ def test_loss_watch_compares_the_first_full_queue_losses_with_chance():
     chance = math.log(4097)
 
     def run(losses):
-        watch = LossWatch(4096, 256, window=5)
+        watch = LossWatch(4097, 16, window=5)
         assert watch.first_full_step == 16
         return warned(lambda: [watch.step(16 + i, x) for i, x in enumerate(losses)])
 
     assert run([chance - 0.3] * 5) == []
     assert "well above" in run([chance + 2] * 5)[0]
     assert "far below" in run([1.0] * 5)[0]
-    watch = LossWatch(4096, 256)
+    watch = LossWatch(4097, 16)
     assert warned(lambda: watch.step(3, 100.0)) == []  # the queue still holds its random initial keys
     assert "stuck" in warned(watch.epoch_end, chance - 0.05)[0]
     assert warned(watch.epoch_end, chance - 1.0) == []

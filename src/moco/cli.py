@@ -63,6 +63,118 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint of this project, of the official MoCo v1/v2/v3 releases, "
+                   "or a torchvision ResNet state_dict")
+    p.add_argument("--dataset", choices=C.DATASETS, help="default: the data set the checkpoint was trained on")
+    p.add_argument("--data-root", help="folder of the data set (default: the checkpoint's)")
+    p.add_argument("--image-size", type=int, help="default: the size the encoder was trained at")
+    p.add_argument("--arch", help="architecture of a checkpoint that does not name it (resnet18/34/50)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+
+
+def eval_data(args: argparse.Namespace, encoder) -> tuple:
+    """The labelled train and test splits an evaluation command uses: flags, else the checkpoint's config."""
+    from .data.sources import load_images
+
+    cfg = encoder.config
+    dataset = args.dataset or (cfg.data.dataset if cfg else None)
+    if dataset is None:
+        raise C.ConfigError(f"{args.checkpoint} does not say what data it was trained on; pass --dataset")
+    same = cfg is not None and dataset == cfg.data.dataset
+    root = args.data_root or (cfg.data.data_root if same else None)
+    size = args.image_size or encoder.size or (cfg.data.image_size if same else None)
+    train, test = (load_images(dataset, split, root, size) for split in ("train", "test"))
+    if train.labels is None or test.labels is None:
+        raise C.ConfigError(f"{dataset} at {root} has no labels; evaluation needs a labelled train and test split")
+    if train.channels != encoder.channels:
+        raise C.ConfigError(f"the encoder takes {encoder.channels}-channel images but {train.name} has "
+                            f"{train.channels}")
+    return train, test
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    from .data.augment import EvalTransform
+    from .evaluate.knn import knn_accuracy, knn_eval, pixel_features, reinitialised
+    from .evaluate.load import load_encoder
+    from .runtime import resolve_device
+
+    encoder = load_encoder(args.checkpoint, args.arch)
+    train, test = eval_data(args, encoder)
+    device = resolve_device(args.device)
+    transform = EvalTransform(args.image_size or encoder.size or train.image_size, encoder.mean, encoder.std)
+    def run(backbone):
+        return knn_eval(backbone.to(device), (train.images, train.labels), (test.images, test.labels),
+                        transform.to(device), device, args.k, args.t)
+
+    rows = {f"{args.checkpoint} ({encoder.layout})": run(encoder.backbone)}
+    if args.baselines:
+        rows["raw pixels"] = knn_accuracy(pixel_features(train.images), train.labels, pixel_features(test.images),
+                                          test.labels, args.k, args.t)
+        rows["random encoder"] = run(reinitialised(encoder.backbone))
+    print(f"kNN on {test.name} ({len(test)} images; weighted, k={args.k}, t={args.t}; "
+          f"memory bank: {len(train)} images of {train.name})")
+    for name, acc in rows.items():
+        print(f"  {name:<40} top-1 {acc['top1']:6.2f}%   top-5 {acc['top5']:6.2f}%")
+    return 0
+
+
+def cmd_lincls(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from torch import nn
+
+    from .evaluate.knn import reinitialised
+    from .evaluate.linear import LinearConfig, linear_probe
+    from .evaluate.load import load_encoder
+
+    encoder = load_encoder(args.checkpoint, args.arch)
+    train, test = eval_data(args, encoder)
+    cfg = LinearConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                       schedule=args.schedule, lr_steps=args.lr_steps, batch_size=args.batch_size,
+                       augment=args.augment, seed=args.seed, device=args.device)
+    candidates = {f"{args.checkpoint} ({encoder.layout})": encoder}
+    if args.baselines:
+        candidates["raw pixels"] = replace(encoder, backbone=nn.Flatten())
+        candidates["random encoder"] = replace(encoder, backbone=reinitialised(encoder.backbone))
+    results = {}
+    for name, candidate in candidates.items():
+        print(f"# linear protocol: {name}")
+        results[name] = linear_probe(candidate, train, test, cfg, progress=args.progress)
+    print(f"linear classification on {test.name} ({len(test)} images; frozen features, {cfg.epochs} epochs, "
+          f"lr {cfg.lr} {cfg.schedule}, batch {cfg.batch_size}, augment {cfg.augment})")
+    for name, r in results.items():
+        print(f"  {name:<40} best top-1 {r.best_top1:6.2f}% (epoch {r.best_epoch})   final top-1 "
+              f"{r.final_top1:6.2f}%  top-5 {r.final_top5:6.2f}%")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .evaluate.embed import embed
+
+    dataset = "folder" if args.data not in C.DATASETS else args.data
+    root = args.data if dataset == "folder" else args.data_root
+    embed(args.checkpoint, dataset, root, args.split, args.out, args.arch, args.batch_size, args.device,
+          args.normalize)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .evaluate.report import report
+
+    path = report(args.run_dir, args.out, args.tsne_points, args.queries, args.neighbours)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .experiments.ablate import ablate
+
+    path = ablate(args.out, tuple(args.studies), args.epochs, args.train_subset, args.seed)
+    print(f"wrote {path} (table), results.csv and plots next to it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moco", description="Momentum Contrast (MoCo v1/v2): self-supervised pretraining of image encoders."
@@ -86,6 +198,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     add_config_flags(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("knn", help="weighted kNN accuracy of a checkpoint's frozen features",
+                       description="Weighted kNN classification on frozen backbone features: the training split "
+                       "is the memory bank, the test split the queries; neighbours vote with exp(cos/t).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_eval_data_flags(p)
+    p.add_argument("--k", type=int, default=200, help="neighbours")
+    p.add_argument("--t", type=float, default=0.1, help="temperature of the vote weights")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also raw pixels and a randomly initialised encoder of the same architecture")
+    p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("lincls", help="linear classification protocol on frozen features",
+                       description="The paper's linear protocol: the backbone frozen in eval mode (BN statistics "
+                       "fixed), a new fc initialised N(0, 0.01), SGD with lr 30 and no weight decay. Reports best and "
+                       "final top-1/top-5 and fails loudly if any backbone weight changed.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_eval_data_flags(p)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=30.0, help="for batch 256, scaled linearly with --batch-size")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=["step", "cosine"], default="step")
+    p.add_argument("--lr-steps", type=int, nargs="+", default=[60, 80], help="step schedule: epochs of lr x0.1")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--augment", choices=["none", "crop"], default="none",
+                   help="none: features of whole images computed once (fast); crop: the paper's random resized "
+                   "crop + flip through the frozen backbone at every step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also raw pixels and a randomly initialised encoder under the same protocol")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_lincls)
+
+    p = sub.add_parser("embed", help="features of every image of a folder or data set, to .npy or .safetensors",
+                       description="Backbone features (L2-normalised by default) of every image of DATA, a folder "
+                       "of images or a data set name, for retrieval and clustering. .npy writes FILE.files.txt "
+                       "(and FILE.labels.npy) beside it; .safetensors keeps the file list in its metadata.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("data", help=f"an image folder, or one of {', '.join(C.DATASETS[:-1])}")
+    p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    p.add_argument("--split", default="train", help="train | test (data sets and train/test folders)")
+    p.add_argument("--data-root", help="folder of a named data set")
+    p.add_argument("--arch", help="architecture of a checkpoint that does not name it")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="L2-normalise")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("report", help="an HTML and Markdown report of a pretraining run, with plots",
+                       description="Loss, contrastive accuracy, LR and kNN curves, a t-SNE map of the test "
+                       "embeddings coloured by class and a grid of nearest-neighbour retrievals.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="a run folder of moco pretrain (config.yaml, metrics.jsonl, checkpoint.pt)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/report)")
+    p.add_argument("--tsne-points", type=int, default=2000)
+    p.add_argument("--queries", type=int, default=8)
+    p.add_argument("--neighbours", type=int, default=8)
+    p.set_defaults(func=cmd_report)
+
+    from .experiments.ablate import STUDIES
+
+    p = sub.add_parser("ablate", help="the paper's ablations in miniature on Fashion-MNIST",
+                       description="Short runs of the CPU preset with one fixed budget each: momentum m, the three "
+                       "mechanisms across K, shuffle BN on/off, v1 vs v2 heads. Writes results.csv, results.md and "
+                       "PNG plots; runs already in results.csv with the same config are kept.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="docs/ablations", help="output folder")
+    p.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES), help="which studies")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run")
+    p.add_argument("--train-subset", type=int, default=20000, help="training images per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_ablate)
     return parser
 
 

@@ -30,13 +30,14 @@ def opt(default: Any, help: str) -> Any:
 class ModelConfig:
     """The encoder and the contrastive task."""
 
+    mechanism: str = opt("moco", "moco (queue + momentum encoder) | end_to_end | memory_bank (paper Fig. 2)")
     arch: str = opt("small_cnn", "small_cnn | resnet18 | resnet34 | resnet50")
     width: int = opt(16, "small_cnn only: channels of the first stage (then 2x, 4x, 8x)")
     small_stem: bool = opt(True, "resnets: 3x3 stride-1 stem, no max-pool (for 28-64 px images)")
     head: str = opt("mlp", "linear (v1) | mlp (v2)")
     dim: int = opt(128, "embedding width")
     hidden_dim: int | None = opt(None, "mlp head's hidden width; None: the backbone's width")
-    queue_size: int = opt(4096, "K, negatives in the queue")
+    queue_size: int = opt(4096, "K, negatives in the queue (memory_bank: sampled from the bank)")
     key_momentum: float = opt(0.99, "m, momentum of the key encoder")
     temperature: float = opt(0.2, "T, softmax temperature")
     symmetric: bool = opt(False, "both views as queries")
@@ -242,12 +243,14 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     """Reject a config that cannot work, naming the field and the allowed values."""
     m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
     from .model.backbones import BACKBONES
+    from .model.build import MECHANISMS
     from .model.heads import HEADS
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    need(m.mechanism in MECHANISMS, f"mechanism={m.mechanism!r} is unknown; choose one of {', '.join(MECHANISMS)}")
     need(m.arch in BACKBONES, f"arch={m.arch!r} is unknown; choose one of {', '.join(BACKBONES)}")
     need(m.head in HEADS, f"head={m.head!r} is unknown; choose one of {', '.join(HEADS)}")
     need(d.dataset in DATASETS, f"dataset={d.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
@@ -266,11 +269,12 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     )
     keys_per_step = d.batch_size * (2 if m.symmetric else 1)
     need(
-        m.queue_size >= keys_per_step,
+        m.mechanism != "moco" or m.queue_size >= keys_per_step,
         f"queue_size K={m.queue_size} is smaller than the {keys_per_step} keys enqueued per step "
         f"(batch_size{' x2 for symmetric' if m.symmetric else ''}); make K >= {keys_per_step}",
     )
     need(0 < d.crop_min_scale <= 1, f"crop_min_scale must be in (0, 1], got {d.crop_min_scale}")
+    need(not m.symmetric or m.mechanism == "moco", "the symmetric loss is implemented for mechanism=moco only")
     need(d.image_size is None or d.image_size >= 8, f"image_size must be >= 8 or none, got {d.image_size}")
     need(d.train_subset is None or d.train_subset >= d.batch_size,
          f"train_subset={d.train_subset} must be >= batch_size={d.batch_size}")

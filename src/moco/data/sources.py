@@ -65,6 +65,7 @@ class ImageSet:
     labels: torch.Tensor | None  # (N,) int64, or None when the source has no labels
     classes: list[str] | None  # class names, index = label
     name: str  # e.g. "fashion-mnist/train"
+    files: list[str] | None = None  # folders: each image's path relative to the root, in order; else None
 
     def __post_init__(self) -> None:
         images = self.images
@@ -690,4 +691,5 @@ def _load_folder(root: Path, split: str, size: int, strict: bool, name: str) -> 
         labels = labels[good] if labels is not None else None
     if not any_color:
         images = images[:, :1].contiguous()
-    return ImageSet(images=images, labels=labels, classes=listing.classes, name=name)
+    kept = [path.relative_to(root).as_posix() for path, ok in zip(files, good.tolist()) if ok]
+    return ImageSet(images=images, labels=labels, classes=listing.classes, name=name, files=kept)

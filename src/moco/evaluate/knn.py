@@ -4,37 +4,14 @@ Each test feature votes with its k most cosine-similar training features, a neig
 adding exp(sim / t) to c's score (Wu et al. 2018; the official MoCo CIFAR demo uses k=200, t=0.1).
 """
 
+import copy
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@torch.no_grad()
-def extract_features(
-    backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
-    transform: Callable[[torch.Tensor], torch.Tensor],
-    device: torch.device | str = "cpu",
-    batch_size: int = 512,
-    channels_last: bool = False,
-) -> torch.Tensor:
-    """L2-normalised features (N, D) of uint8 `images` (N, C, H, W), the backbone in eval mode."""
-    was_training = getattr(backbone, "training", False)
-    if isinstance(backbone, nn.Module):
-        backbone.eval()
-    out = []
-    try:
-        for start in range(0, images.shape[0], batch_size):
-            x = transform(images[start : start + batch_size].to(device, non_blocking=True))  # (b, C, S, S)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out.append(F.normalize(backbone(x).float().flatten(1), dim=1).cpu())  # (b, D)
-    finally:
-        if isinstance(backbone, nn.Module):
-            backbone.train(was_training)
-    return torch.cat(out)  # (N, D)
+from .features import extract_features
 
 
 @torch.no_grad()
@@ -79,6 +56,33 @@ def knn_accuracy(
     }
 
 
+def knn_eval(
+    backbone: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device | str = "cpu",
+    k: int = 200,
+    t: float = 0.1,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """kNN accuracy of `backbone`: (uint8 images, labels) of the memory bank `train` and of `test`."""
+    bank, queries = (extract_features(backbone, x, transform, device, channels_last=channels_last)
+                     for x in (train[0], test[0]))
+    return knn_accuracy(bank, train[1], queries, test[1], k, t)
+
+
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
     """Raw pixels as features: flattened, in [0, 1], L2-normalised, (N, C*H*W)."""
     return F.normalize(images.flatten(1).float() / 255.0, dim=1)
+
+
+def reinitialised(module: nn.Module) -> nn.Module:
+    """A copy of `module` with every layer re-initialised: the random-encoder baseline."""
+    module = copy.deepcopy(module)
+    for layer in module.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+        if hasattr(layer, "reset_running_stats"):
+            layer.reset_running_stats()
+    return module

@@ -2,11 +2,12 @@
 
 from .backbones import BACKBONES, SmallCNN, build_backbone, resnet
 from .batchnorm import SplitBatchNorm2d, convert_split_bn
-from .build import build_encoder, build_moco
+from .build import MECHANISMS, build_encoder, build_moco
 from .heads import HEADS, Encoder, build_head
+from .mechanisms import EndToEnd, MemoryBank
 from .moco import MoCo
 
 __all__ = [
-    "BACKBONES", "HEADS", "Encoder", "MoCo", "SmallCNN", "SplitBatchNorm2d", "build_backbone",
+    "BACKBONES", "HEADS", "MECHANISMS", "EndToEnd", "Encoder", "MemoryBank", "MoCo", "SmallCNN", "SplitBatchNorm2d", "build_backbone",
     "build_encoder", "build_head", "build_moco", "convert_split_bn", "resnet",
 ]

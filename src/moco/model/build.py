@@ -6,7 +6,10 @@ from ..config import ModelConfig
 from .backbones import build_backbone, feature_dim
 from .batchnorm import convert_split_bn
 from .heads import Encoder, build_head
+from .mechanisms import EndToEnd, MemoryBank
 from .moco import MoCo
+
+MECHANISMS = ("moco", "end_to_end", "memory_bank")
 
 
 def build_encoder(cfg: ModelConfig, in_channels: int, image_size: int, backbone: nn.Module | None = None) -> Encoder:
@@ -18,9 +21,16 @@ def build_encoder(cfg: ModelConfig, in_channels: int, image_size: int, backbone:
     return Encoder(backbone, head)
 
 
-def build_moco(cfg: ModelConfig, in_channels: int, image_size: int, backbone: nn.Module | None = None) -> MoCo:
-    """MoCo with split BN (bn_splits sub-batches) in both encoders, as shuffling BN on one process."""
+def build_moco(
+    cfg: ModelConfig, in_channels: int, image_size: int, backbone: nn.Module | None = None, num_images: int = 0
+) -> MoCo | EndToEnd | MemoryBank:
+    """The contrastive model of cfg.mechanism, with split BN (bn_splits sub-batches) in its encoders,
+    as shuffling BN on one process. `num_images` sizes the memory bank."""
     encoder = convert_split_bn(build_encoder(cfg, in_channels, image_size, backbone), cfg.bn_splits)
+    if cfg.mechanism == "end_to_end":
+        return EndToEnd(encoder, T=cfg.temperature, shuffle_bn=cfg.shuffle_bn)
+    if cfg.mechanism == "memory_bank":
+        return MemoryBank(encoder, cfg.dim, num_images, K=cfg.queue_size, T=cfg.temperature)
     return MoCo(
         encoder,
         dim=cfg.dim,

@@ -10,6 +10,7 @@ The loss stays outside: cross-entropy(logits, labels) with labels all 0 is InfoN
 """
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ class MoCo(nn.Module):
         shuffle_bn: shuffle the keys' batch before the key encoder and unshuffle after, so that
             split/per-device BN statistics cannot reveal the positive.
     """
+
+    uses_key_view = True
 
     def __init__(
         self,
@@ -96,10 +99,13 @@ class MoCo(nn.Module):
         l_neg = q @ self.queue.clone().T  # (B, K); the queue is a buffer: no gradient into it
         return torch.cat([l_pos, l_neg], dim=1) / self.T  # (B, 1 + K)
 
-    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x_q: torch.Tensor, x_k: torch.Tensor, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views (B, C, H, W) of the same images -> logits (B', 1 + K) and labels (B',) of zeros.
 
-        B' = B, or 2B with the symmetric loss (both views as queries).
+        B' = B, or 2B with the symmetric loss (both views as queries). `index` (the images' indices in
+        the data set) is not needed by MoCo; it is part of the interface the mechanisms share.
         """
         q = F.normalize(self.encoder_q(x_q).float(), dim=1)  # (B, D)
         self.momentum_update()
@@ -115,3 +121,11 @@ class MoCo(nn.Module):
         self.enqueue(keys)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # (B',)
         return logits, labels
+
+    def key_sample(self) -> torch.Tensor:
+        """Recent keys (K, D), for the collapse diagnostic."""
+        return self.queue
+
+    def chance(self, batch_size: int) -> tuple[int, int]:
+        """(candidates per query, first step whose negatives are all real keys rather than the random init)."""
+        return self.K + 1, math.ceil(self.K / (batch_size * (2 if self.symmetric else 1)))

@@ -8,6 +8,7 @@ A checkpoint is a dict of tensors and plain Python values saved with `torch.save
     optimizer           SGD state (momentum buffers)
     rng                 torch RNG states (CPU, CUDA)
     metrics             the last epoch's metrics
+    data                channels, crop size, normalisation mean/std: what evaluation must feed the encoder
 Loading uses `torch.load(weights_only=True)`, which cannot execute code from the file.
 """
 

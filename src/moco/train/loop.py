@@ -1,6 +1,5 @@
 """The pretraining loop: data -> two augmented views -> MoCo -> InfoNCE -> SGD, with checkpoints."""
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -16,8 +15,8 @@ from ..config import PretrainConfig, to_yaml, validate
 from ..data.augment import EvalTransform, build_augment
 from ..data.sources import ImageSet, has_split, load_images
 from ..errors import CheckpointError, ConfigError
-from ..evaluate.knn import extract_features, knn_accuracy, pixel_features
-from ..model import MoCo, build_moco
+from ..evaluate.knn import knn_accuracy, knn_eval, pixel_features, reinitialised
+from ..model import build_moco
 from ..runtime import resolve_device, rng_state, seed_everything, set_rng_state
 from .checkpoint import LAST, load_checkpoint, save_checkpoint
 from .observe import LossWatch, MetricsLog, check_collapse, check_queue_size, key_spread
@@ -65,17 +64,6 @@ def load_data(cfg: PretrainConfig) -> Data:
     return Data(train, test, d.image_size or train.image_size, mean, std)
 
 
-def random_copy(module: nn.Module) -> nn.Module:
-    """A copy of `module` with every layer re-initialised: the random-encoder baseline."""
-    module = copy.deepcopy(module)
-    for layer in module.modules():
-        if hasattr(layer, "reset_parameters"):
-            layer.reset_parameters()
-        if hasattr(layer, "reset_running_stats"):
-            layer.reset_running_stats()
-    return module
-
-
 class Knn:
     """kNN accuracy of a backbone on the test split, with the training images as the memory bank."""
 
@@ -84,12 +72,9 @@ class Knn:
         self.transform = EvalTransform(data.size, data.mean, data.std).to(device)
 
     def __call__(self, backbone: nn.Module) -> dict[str, float]:
-        r = self.cfg.run
-        feats = [
-            extract_features(backbone, s.images, self.transform, self.device, channels_last=r.channels_last)
-            for s in (self.data.train, self.data.test)
-        ]
-        return knn_accuracy(feats[0], self.data.train.labels, feats[1], self.data.test.labels, r.knn_k, r.knn_t)
+        r, train, test = self.cfg.run, self.data.train, self.data.test
+        return knn_eval(backbone, (train.images, train.labels), (test.images, test.labels), self.transform,
+                        self.device, r.knn_k, r.knn_t, r.channels_last)
 
     def pixels(self) -> dict[str, float]:
         r = self.cfg.run
@@ -127,11 +112,11 @@ def pretrain(
     echo(f"data: {train.name}, {len(train)} images {tuple(train.images.shape[1:])}, crop {data.size}px; "
          f"kNN monitor: {'on ' + data.test.name if data.test is not None else 'off (no labelled test split)'}; "
          f"device: {device}")
-    keys_per_step = d.batch_size * (2 if m.symmetric else 1)
     steps_per_epoch = len(train) // d.batch_size  # the last partial batch is dropped (split BN needs full groups)
-    check_queue_size(m.queue_size, steps_per_epoch * keys_per_step)
+    if m.mechanism == "moco":
+        check_queue_size(m.queue_size, steps_per_epoch * d.batch_size * (2 if m.symmetric else 1))
 
-    model = build_moco(m, train.channels, data.size, backbone).to(device)
+    model = build_moco(m, train.channels, data.size, backbone, num_images=len(train)).to(device)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     augment = build_augment(d.augment, data.size, data.mean, data.std, d.crop_min_scale).to(device)
@@ -144,7 +129,7 @@ def pretrain(
         echo(f"resumed from {resume}: epoch {start_epoch}, step {step}")
 
     metrics = MetricsLog(out_dir, r.tensorboard)
-    watch = LossWatch(m.queue_size, keys_per_step)
+    watch = LossWatch(*model.chance(d.batch_size))
     checkpoint = out_dir / LAST
     epoch_loss, knn_result = math.nan, None
     try:
@@ -164,8 +149,8 @@ def pretrain(
                 idx = order[i * d.batch_size : (i + 1) * d.batch_size]
                 images = train.images[idx].to(device, non_blocking=True)  # (B, C, H, W) uint8
                 x_q = augment(images).contiguous(memory_format=memory_format)  # (B, C, S, S)
-                x_k = augment(images).contiguous(memory_format=memory_format)  # (B, C, S, S)
-                logits, labels = model(x_q, x_k)  # (B, 1 + K), (B,)
+                x_k = augment(images).contiguous(memory_format=memory_format) if model.uses_key_view else None
+                logits, labels = model(x_q, x_k, idx.to(device))  # (B, 1 + K), (B,)
                 loss = F.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -189,7 +174,7 @@ def pretrain(
                     metrics.log(step, "train", values)
             bar.close()
             epoch_loss = (loss_sum / seen).item()
-            spread = key_spread(model.queue)
+            spread = key_spread(model.key_sample())
             values = {"epoch": epoch + 1, "loss": epoch_loss, "acc": 100 * (acc_sum / seen).item(),
                       "key_spread": spread, "seconds": time.perf_counter() - tic}
             last = epoch + 1 == o.epochs
@@ -205,7 +190,8 @@ def pretrain(
             check_collapse(spread)
             save_checkpoint(
                 {"config": asdict(cfg), "epoch": epoch + 1, "step": step, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "rng": rng_state(), "metrics": values},
+                 "optimizer": optimizer.state_dict(), "rng": rng_state(), "metrics": values,
+                 "data": {"channels": train.channels, "size": data.size, "mean": data.mean, "std": data.std}},
                 checkpoint,
             )
     finally:
@@ -215,12 +201,12 @@ def pretrain(
     if knn is not None and baselines:
         if result.knn is None:
             result.knn = knn(model.encoder_q.backbone)
-        result.baselines = {"raw pixels": knn.pixels(), "random encoder": knn(random_copy(model.encoder_q.backbone))}
+        result.baselines = {"raw pixels": knn.pixels(), "random encoder": knn(reinitialised(model.encoder_q.backbone))}
         echo(summary(result, cfg, data))
     return result
 
 
-def restore(state: dict, model: MoCo, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """Load a checkpoint's model, optimizer and RNG state; returns (completed epochs, steps)."""
     try:
         model.load_state_dict(state["model"])
@@ -233,7 +219,7 @@ def restore(state: dict, model: MoCo, optimizer: torch.optim.Optimizer) -> tuple
 
 def summary(result: PretrainResult, cfg: PretrainConfig, data: Data) -> str:
     r = cfg.run
-    rows = [("MoCo encoder (this run)", result.knn), *result.baselines.items()]
+    rows = [("this run's encoder", result.knn), *result.baselines.items()]
     lines = [f"kNN on {data.test.name} ({len(data.test)} images; weighted, k={r.knn_k}, t={r.knn_t}; "
              f"memory bank: {len(data.train)} training images)"]
     lines += [f"  {name:<24} top-1 {acc['top1']:6.2f}%   top-5 {acc['top5']:6.2f}%" for name, acc in rows]

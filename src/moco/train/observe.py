@@ -62,7 +62,7 @@ def check_queue_size(K: int, keys_per_epoch: int) -> None:
 
 
 class LossWatch:
-    """Compares the loss of the first steps after the queue is filled with real keys to log(K+1).
+    """Compares the loss of the first steps after the negatives are all real keys to log(K+1).
 
     Before training has done much, every key looks alike and InfoNCE over 1 + K candidates is near
     log(K + 1) (11.09 for K=65536). Far above: the positive is scored below the negatives (a bug, a
@@ -71,9 +71,9 @@ class LossWatch:
     a loss still near log(K + 1) means the model is not learning.
     """
 
-    def __init__(self, K: int, keys_per_step: int, window: int = 10) -> None:
-        self.chance = math.log(K + 1)
-        self.first_full_step = math.ceil(K / keys_per_step)  # the random initial keys are gone from then on
+    def __init__(self, candidates: int, first_full_step: int, window: int = 10) -> None:
+        self.chance = math.log(candidates)  # log(K + 1): a uniform guess among the positive and K negatives
+        self.first_full_step = first_full_step  # the random initial keys are gone from then on
         self.window = window
         self.losses: list[float] = []
         self.checked = False

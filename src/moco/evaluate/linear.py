@@ -1,0 +1,262 @@
+"""Linear classification on a frozen backbone: the evaluation protocol of the MoCo paper.
+
+A fresh fully-connected layer (weights N(0, 0.01), bias 0) is trained with SGD on the backbone's
+pooled features (not L2-normalised), while the backbone stays frozen in eval mode: no gradients,
+no BatchNorm statistics updates. The paper uses lr 30 (batch 256), momentum 0.9, no weight decay,
+100 epochs, lr x0.1 at epochs 60 and 80, random resized crops + flips for training and the whole
+image for testing.
+
+`augment="none"` trains on the features of the whole (resized) images instead, computed once:
+100 epochs then take seconds on a CPU and the result does not depend on augmentation noise.
+`augment="crop"` is the paper's protocol, each step running fresh crops through the backbone.
+Test features are computed once in both modes: the backbone is frozen, so they never change.
+
+As in the official `main_lincls.py`, every backbone tensor is compared with a snapshot after
+training, so that a backbone that changed anyway (a leaked gradient, a BatchNorm in train mode,
+a forward that writes to its weights) cannot go unnoticed.
+"""
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..data.augment import EvalTransform, build_augment
+from ..data.sources import ImageSet
+from ..errors import ConfigError, DataError
+from ..runtime import resolve_device
+from .features import extract_features
+from .load import LoadedEncoder
+
+SCHEDULES = ("step", "cosine")
+AUGMENTS = ("none", "crop")
+LR_BATCH_SIZE = 256  # the batch size the lr is given for (linear scaling rule)
+CROP_MIN_SCALE = 0.08  # the standard linear protocol's RandomResizedCrop scale (0.08, 1)
+FC_INIT_STD = 0.01
+_EVAL_CHUNK = 8192
+
+
+@dataclass
+class LinearConfig:
+    epochs: int = 100
+    lr: float = 30.0  # for batch 256; scaled linearly with batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "step"  # step (x0.1 at each of lr_steps) | cosine; applied per iteration
+    lr_steps: list[int] = field(default_factory=lambda: [60, 80])
+    batch_size: int = 256
+    augment: str = "none"  # none: cached features of whole images | crop: the paper's crop + flip
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class LinearResult:
+    best_top1: float  # percent, the highest test top-1 over all epochs
+    best_top5: float  # percent, test top-5 at the epoch of best_top1
+    best_epoch: int  # 1-based
+    final_top1: float
+    final_top5: float
+    history: list[dict]  # per epoch: epoch, lr, train_loss, train_top1, test_top1, test_top5
+
+
+def check_config(cfg: LinearConfig) -> None:
+    """Raise ConfigError naming the first field that cannot work."""
+
+    def positive_int(name: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"linear {name} must be an integer >= 1, got {value!r}")
+
+    positive_int("epochs", cfg.epochs)
+    positive_int("batch_size", cfg.batch_size)
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise ConfigError(f"linear lr must be a finite number > 0, got {cfg.lr!r}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"linear momentum must be in [0, 1), got {cfg.momentum!r}")
+    if not cfg.weight_decay >= 0:
+        raise ConfigError(f"linear weight_decay must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"linear schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in cfg.lr_steps):
+        raise ConfigError(f"linear lr_steps must be epochs (integers >= 1), got {cfg.lr_steps!r}")
+    if cfg.augment not in AUGMENTS:
+        raise ConfigError(f"linear augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
+
+
+def lr_at(cfg: LinearConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of iteration `step` (0-based): cfg.lr scaled to the batch, then scheduled."""
+    base = cfg.lr * cfg.batch_size / LR_BATCH_SIZE
+    epoch = step / steps_per_epoch  # fractional epoch
+    if cfg.schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(epoch / cfg.epochs, 1.0)))
+    return base * 0.1 ** sum(epoch >= milestone for milestone in cfg.lr_steps)
+
+
+def new_classifier(dim: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """The linear classifier of the protocol: weight ~ N(0, 0.01), bias 0."""
+    fc = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        fc.weight.normal_(0.0, FC_INIT_STD, generator=generator)
+        fc.bias.zero_()
+    return fc
+
+
+def snapshot(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer (non-persistent ones included), by name."""
+    tensors = [*backbone.named_parameters(), *backbone.named_buffers()]
+    return {name: t.detach().clone() for name, t in tensors}
+
+
+def check_frozen(before: dict[str, torch.Tensor], backbone: nn.Module) -> None:
+    """Raise RuntimeError if any tensor of `backbone` differs, even by one bit, from `before`."""
+    now = dict([*backbone.named_parameters(), *backbone.named_buffers()])
+    changed = [
+        name for name, old in before.items()
+        if name not in now or now[name].shape != old.shape or not torch.equal(now[name].detach(), old)
+    ]
+    if changed:
+        more = f" (also {', '.join(changed[1:6])}{' ...' if len(changed) > 6 else ''})" if len(changed) > 1 else ""
+        raise RuntimeError(
+            f"backbone weight {changed[0]} changed during linear evaluation{more}: the protocol requires a "
+            "frozen backbone (no gradient to it, BatchNorm in eval mode, no in-place writes in forward)"
+        )
+
+
+@contextmanager
+def frozen(backbone: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for `backbone` inside the block; its own settings restored after."""
+    modes = [m.training for m in backbone.modules()]
+    flags = [p.requires_grad for p in backbone.parameters()]
+    backbone.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        for module, mode in zip(backbone.modules(), modes):
+            module.training = mode
+        for p, flag in zip(backbone.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def accuracy(fc: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of `fc` on features (N, D) with labels (N,)."""
+    k = min(5, fc.out_features)
+    hits1 = hits5 = 0
+    for x, y in zip(features.split(_EVAL_CHUNK), labels.split(_EVAL_CHUNK)):
+        ranked = fc(x).topk(k, dim=1).indices  # (n, k)
+        hits = ranked == y[:, None]  # (n, k)
+        hits1 += int(hits[:, 0].sum())
+        hits5 += int(hits.any(dim=1).sum())
+    return 100.0 * hits1 / len(labels), 100.0 * hits5 / len(labels)
+
+
+def _check_data(encoder: LoadedEncoder, train: ImageSet, test: ImageSet) -> int:
+    """The number of classes; DataError for data the protocol cannot use."""
+    for split in (train, test):
+        if len(split) == 0:
+            raise DataError(f"{split.name} holds no images: linear evaluation needs a labelled train and test set")
+        if split.labels is None:
+            raise DataError(f"{split.name} has no labels: linear evaluation needs labels for train and test")
+        if int(split.labels.min()) < 0:
+            raise DataError(f"{split.name} has negative labels ({int(split.labels.min())}): labels must be 0..C-1")
+        if split.channels != encoder.channels:
+            raise DataError(
+                f"{split.name} has {split.channels}-channel images but the encoder ({encoder.arch}, "
+                f"{encoder.layout}) takes {encoder.channels}; evaluate on data with the pretraining's channels"
+            )
+    seen = max(int(train.labels.max()), int(test.labels.max())) + 1
+    return max(seen, len(train.classes or []))
+
+
+def linear_probe(
+    encoder: LoadedEncoder,
+    train: ImageSet,
+    test: ImageSet,
+    cfg: LinearConfig,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+) -> LinearResult:
+    """Train a linear classifier on the frozen `encoder` and report its test accuracy every epoch.
+
+    The backbone is moved to the device; its train/eval mode and requires_grad flags are restored on
+    return. Raises RuntimeError if any backbone tensor changed during training (see `check_frozen`).
+    """
+    check_config(cfg)
+    num_classes = _check_data(encoder, train, test)
+    device = resolve_device(cfg.device)
+    size = encoder.size or train.image_size
+    eval_transform = EvalTransform(size, encoder.mean, encoder.std).to(device)
+    backbone = encoder.backbone.to(device)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    with frozen(backbone):
+        before = snapshot(backbone)
+        test_x = extract_features(backbone, test.images, eval_transform, device, normalize=False,
+                                  desc=f"features {test.name}" if progress else None)  # (Nt, D)
+        test_y = test.labels.to(device)  # (Nt,)
+        if cfg.augment == "none":
+            train_x = extract_features(backbone, train.images, eval_transform, device, normalize=False,
+                                       desc=f"features {train.name}" if progress else None)  # (N, D)
+            train_y = train.labels.to(device)  # (N,)
+        else:
+            augment = build_augment("crop", size, encoder.mean, encoder.std, min_scale=CROP_MIN_SCALE).to(device)
+            augment_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        dim = test_x.shape[1]
+        fc = new_classifier(dim, num_classes, torch.Generator().manual_seed(cfg.seed)).to(device)
+        optimizer = torch.optim.SGD(fc.parameters(), lr=lr_at(cfg, 0, steps_per_epoch), momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+        echo(f"linear evaluation: {n} train / {len(test)} test images, {dim}-dim features, {num_classes} classes, "
+             f"augment {cfg.augment}, lr {cfg.lr} x {cfg.batch_size}/{LR_BATCH_SIZE} ({cfg.schedule}), "
+             f"{cfg.epochs} epochs on {device}")
+        step = 0
+        for epoch in range(1, cfg.epochs + 1):
+            order = torch.randperm(n, generator=order_gen)  # (N,) on the CPU, where the images are
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            epoch_lr = lr_at(cfg, step, steps_per_epoch)
+            bar = tqdm(range(steps_per_epoch), desc=f"linear {epoch}/{cfg.epochs}", disable=not progress,
+                       leave=False, dynamic_ncols=True)
+            for i in bar:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(cfg, step, steps_per_epoch)
+                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]  # (B,)
+                if cfg.augment == "none":
+                    idx = idx.to(device)
+                    x, y = train_x[idx], train_y[idx]  # (B, D), (B,)
+                else:
+                    images = train.images[idx].to(device, non_blocking=True)  # (B, C, H, W) uint8
+                    y = train.labels[idx].to(device, non_blocking=True)  # (B,)
+                    with torch.no_grad():
+                        x = backbone(augment(images, augment_gen)).float().flatten(1)  # (B, D)
+                logits = fc(x)  # (B, num_classes)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(dim=1) == y).sum()
+            bar.close()
+            train_loss = (loss_sum / n).item()
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"the linear classifier's loss became {train_loss} in epoch {epoch}: "
+                                         f"lower the lr (now {cfg.lr} for batch {LR_BATCH_SIZE})")
+            top1, top5 = accuracy(fc, test_x, test_y)
+            history.append({"epoch": epoch, "lr": epoch_lr, "train_loss": train_loss,
+                            "train_top1": 100.0 * correct.item() / n, "test_top1": top1, "test_top5": top5})
+            echo(f"epoch {epoch}/{cfg.epochs}: lr {epoch_lr:.4g}, train loss {train_loss:.4f}, "
+                 f"train top-1 {history[-1]['train_top1']:.2f}%, test top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+        check_frozen(before, backbone)
+    best = max(history, key=lambda h: h["test_top1"])  # the first epoch with the highest top-1
+    result = LinearResult(best["test_top1"], best["test_top5"], best["epoch"], history[-1]["test_top1"],
+                          history[-1]["test_top5"], history)
+    echo(f"linear evaluation: best top-1 {result.best_top1:.2f}% (top-5 {result.best_top5:.2f}%) at epoch "
+         f"{result.best_epoch}; final top-1 {result.final_top1:.2f}%, top-5 {result.final_top5:.2f}%")
+    return result

@@ -1,0 +1,204 @@
+"""The paper's ablations in miniature: short MoCo runs on Fashion-MNIST with one fixed budget each.
+
+Studies (the paper's section 4.1):
+    momentum     m in {0, 0.9, 0.99, 0.999} at K=4096 (paper Table 4: m=0 fails, 0.99-0.999 best)
+    mechanisms   MoCo and memory bank across K, end-to-end across batch sizes (paper Fig. 3)
+    shuffle_bn   shuffling BN on and off (paper Fig. 4: without it the pretext task is "cheated")
+    heads        v1 (linear head, T=0.07, v1 augmentation) vs v2 (MLP head, T=0.2, aug+)
+Every run is the CPU preset on the same training subset for the same number of epochs, evaluated by
+kNN on the 10,000 test images. Results go to a CSV and a Markdown table, with plots, the commit, the
+machine and the command; runs already in the CSV with the same config are not repeated.
+"""
+
+import csv
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import config as C
+from ..errors import ConfigError
+from ..train.loop import pretrain
+
+STUDIES = ("momentum", "mechanisms", "shuffle_bn", "heads")
+
+
+@dataclass(frozen=True)
+class Run:
+    study: str
+    name: str
+    overrides: dict[str, Any]
+
+
+def plan(studies: tuple[str, ...] = STUDIES) -> list[Run]:
+    runs: list[Run] = []
+    if "momentum" in studies:
+        runs += [Run("momentum", f"m={m}", {"key_momentum": m}) for m in (0.0, 0.9, 0.99, 0.999)]
+    if "mechanisms" in studies:
+        for K in (256, 1024, 4096, 16384):
+            runs.append(Run("mechanisms", f"moco K={K}", {"mechanism": "moco", "queue_size": K}))
+            runs.append(Run("mechanisms", f"memory_bank K={K}", {"mechanism": "memory_bank", "queue_size": K}))
+        for batch in (128, 256, 512, 1024):  # end-to-end: K = batch - 1
+            runs.append(Run("mechanisms", f"end_to_end K={batch - 1}",
+                            {"mechanism": "end_to_end", "batch_size": batch}))
+    if "shuffle_bn" in studies:
+        runs += [Run("shuffle_bn", f"shuffle_bn={on}", {"shuffle_bn": on}) for on in (True, False)]
+    if "heads" in studies:
+        runs.append(Run("heads", "v1: linear, T=0.07, aug v1", {"head": "linear", "temperature": 0.07,
+                                                                 "augment": "v1"}))
+        runs.append(Run("heads", "v2: mlp, T=0.2, aug+", {"head": "mlp", "temperature": 0.2, "augment": "v2"}))
+    return runs
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = STUDIES, epochs: int = 3,
+           train_subset: int = 20000, seed: int = 0, echo=print) -> Path:
+    """Run the studies (skipping runs already in out_dir/results.csv) and write the table and plots."""
+    unknown = set(studies) - set(STUDIES)
+    if unknown:
+        raise ConfigError(f"unknown studies {sorted(unknown)}; choose from {', '.join(STUDIES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    rows = {(r["study"], r["name"]): r for r in read_rows(csv_path)}
+    base = {"epochs": epochs, "train_subset": train_subset, "seed": seed, "knn_every": 0, "tensorboard": False,
+            "progress": False}
+    for i, run in enumerate(plan(studies)):
+        cfg = C.apply_overrides(C.preset("cpu"), {**base, **run.overrides, "out_dir": str(out / "runs" / slug(run))})
+        key = json.dumps(C.asdict(cfg), sort_keys=True)
+        if rows.get((run.study, run.name), {}).get("config") == key:
+            echo(f"[{i + 1}] {run.study}: {run.name}: done before, kept")
+            continue
+        echo(f"[{i + 1}] {run.study}: {run.name}")
+        tic = time.perf_counter()
+        result = pretrain(cfg, baselines=False, echo=lambda s: None)
+        curve = [json.loads(x) for x in (Path(cfg.run.out_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows[(run.study, run.name)] = {
+            "study": run.study, "name": run.name, "knn_top1": round(result.knn["top1"], 2),
+            "knn_top5": round(result.knn["top5"], 2), "final_loss": round(result.loss, 4),
+            "final_pretext_acc": round(next(r["acc"] for r in reversed(curve) if r["tag"] == "epoch"), 2),
+            "max_pretext_acc": round(max(r["acc"] for r in curve if r["tag"] == "train"), 2),
+            "minutes": round((time.perf_counter() - tic) / 60, 2), "config": key,
+        }
+        echo(f"    kNN top-1 {result.knn['top1']:.2f}%, loss {result.loss:.3f}")
+        write_rows(csv_path, list(rows.values()))  # after every run: an interrupted ablation keeps its results
+    header = {"commit": commit(), "machine": machine(), "command": " ".join(["moco", *sys.argv[1:]]) or "moco ablate",
+              "budget": f"{epochs} epochs on the first {train_subset} Fashion-MNIST training images, CPU preset"}
+    write_markdown(out / "results.md", list(rows.values()), header)
+    plot(out, list(rows.values()))
+    return out / "results.md"
+
+
+def slug(run: Run) -> str:
+    return f"{run.study}-{run.name}".replace(" ", "_").replace("=", "").replace(":", "").replace(",", "")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def write_markdown(path: Path, rows: list[dict[str, Any]], header: dict[str, str]) -> None:
+    lines = ["# Ablations (measured)", ""] + [f"- {k}: `{v}`" for k, v in header.items()] + [""]
+    for study in STUDIES:
+        selected = [r for r in rows if r["study"] == study]
+        if not selected:
+            continue
+        lines += [f"## {study}", "", "| run | kNN top-1 | kNN top-5 | final loss | pretext acc (final / max) | minutes |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {float(r['knn_top1']):.2f} | {float(r['knn_top5']):.2f} | "
+                  f"{float(r['final_loss']):.3f} | {float(r['final_pretext_acc']):.1f} / "
+                  f"{float(r['max_pretext_acc']):.1f} | {float(r['minutes']):.1f} |" for r in selected]
+        lines += ["", f"![{study}]({study}.png)", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(out: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def knn(r):
+        return float(r["knn_top1"])
+
+    by = {s: [r for r in rows if r["study"] == s] for s in STUDIES}
+    if by["momentum"]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        names = [r["name"] for r in by["momentum"]]
+        ax.bar(names, [knn(r) for r in by["momentum"]], color="tab:blue")
+        ax.set(title="Key-encoder momentum m (K=4096)", ylabel="kNN top-1 (%)",
+               ylim=(min(knn(r) for r in by["momentum"]) - 5, max(knn(r) for r in by["momentum"]) + 2))
+        fig.tight_layout()
+        fig.savefig(out / "momentum.png", dpi=120)
+        plt.close(fig)
+    if by["mechanisms"]:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for mech, style in (("moco", "o-"), ("memory_bank", "s--"), ("end_to_end", "^:")):
+            pts = sorted((int(r["name"].split("K=")[1]), knn(r)) for r in by["mechanisms"] if r["name"].startswith(mech))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=mech)
+        ax.set_xscale("log", base=2)
+        ax.set(title="Three mechanisms across K", xlabel="K (negatives)", ylabel="kNN top-1 (%)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "mechanisms.png", dpi=120)
+        plt.close(fig)
+    for study in ("shuffle_bn", "heads"):
+        if not by[study]:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for r in by[study]:
+            run_dir = out / "runs" / slug(Run(r["study"], r["name"], {}))
+            curve = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                     if '"train"' in x] if (run_dir / "metrics.jsonl").is_file() else []
+            axes[0].plot([c["step"] for c in curve], [c["acc"] for c in curve], label=r["name"])
+        axes[0].set(title="pretext (K+1)-way accuracy", xlabel="step", ylabel="%")
+        axes[0].legend(fontsize=8)
+        axes[1].bar([r["name"] for r in by[study]], [knn(r) for r in by[study]], color="tab:green")
+        axes[1].set(title="kNN top-1 on the test set", ylabel="%",
+                    ylim=(min(knn(r) for r in by[study]) - 5, max(knn(r) for r in by[study]) + 2))
+        axes[1].tick_params(axis="x", labelsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"{study}.png", dpi=120)
+        plt.close(fig)
+
