@@ -92,12 +92,14 @@ def load_encoder(path: str | Path, arch: str | None = None) -> LoadedEncoder:
         state = load_checkpoint(path)  # validates the version
         cfg = from_dict(state["config"])
         weights = _strip(state["model"], "encoder_q.backbone.")
-        data = state.get("data", {})
-        channels = data.get("channels", _in_channels(weights))
-        backbone = build_backbone(cfg.model.arch, channels, cfg.model.width, cfg.model.small_stem)
+        data = state.get("data")
+        if data is None:
+            raise CheckpointError(f"{path} lacks the input normalisation (written by a pre-release version); "
+                                  "pretrain again")
+        backbone = build_backbone(cfg.model.arch, data["channels"], cfg.model.width, cfg.model.small_stem)
         _load_strict(backbone, weights, path, "moco-pretrain")
-        return LoadedEncoder(backbone.eval(), "moco-pretrain", cfg.model.arch, channels, data.get("size"),
-                             data.get("mean", [0.5] * channels), data.get("std", [0.25] * channels), cfg)
+        return LoadedEncoder(backbone.eval(), "moco-pretrain", cfg.model.arch, data["channels"], data["size"],
+                             data["mean"], data["std"], cfg)
     if state.get("format") is not None:
         raise CheckpointError(f"{path} is a {state['format']!r} file, not a pretrained encoder")
     sd = state.get("state_dict", state)
