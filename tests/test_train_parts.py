@@ -85,13 +85,19 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
 
 
-def test_find_resume(tmp_path):
+def test_find_resume_takes_the_newest_valid_checkpoint(tmp_path):
     assert find_resume("auto", tmp_path) is None
-    save_checkpoint({}, tmp_path / "checkpoint.pt")
+    save_checkpoint({"step": 10}, tmp_path / "checkpoint_epoch0001.pt")
+    save_checkpoint({"step": 30}, tmp_path / "checkpoint.pt")
+    save_checkpoint({"step": 20}, tmp_path / "checkpoint_best.pt")
     assert find_resume("auto", tmp_path) == tmp_path / "checkpoint.pt"
     assert find_resume(str(tmp_path), "elsewhere") == tmp_path / "checkpoint.pt"
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")  # e.g. a disk that lost the last write
+    assert find_resume("auto", tmp_path) == tmp_path / "checkpoint_best.pt"
     with pytest.raises(CheckpointError):
         find_resume(str(tmp_path / "nope.pt"), tmp_path)
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        find_resume(str(tmp_path / "empty"), tmp_path) if (tmp_path / "empty").mkdir() is None else None
 
 
 def warned(fn, *args) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import config as C
 from .errors import MocoError
+from .train.loop import Interrupted
 
 FLAG_SECTIONS = {"model": "model (the encoder and the contrastive task)", "data": "data", "optim": "optimisation",
                  "run": "run"}
@@ -283,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MocoError as e:
         print(f"moco: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"moco: stopped by {e}", file=sys.stderr)
+        return 128 + e.signum  # 143 for SIGTERM, 130 for SIGINT, as the shell reports them
     except KeyboardInterrupt:
         print("moco: interrupted", file=sys.stderr)
         return 130

@@ -85,6 +85,8 @@ class RunConfig:
     knn_every: int = opt(5, "kNN monitor every N epochs (0: only at the end; -1: never)")
     knn_k: int = opt(200, "kNN neighbours")
     knn_t: float = opt(0.1, "kNN temperature of the vote weights exp(sim/t)")
+    keep_every: int = opt(0, "also keep checkpoint_epochNNNN.pt every N epochs (0: only the last and the best)")
+    nonfinite: str = opt("stop", "on a non-finite loss or gradient: stop (keeping the last checkpoint) | skip the step")
     tensorboard: bool = opt(True, "write TensorBoard events to out_dir/tensorboard")
     progress: bool = opt(True, "show a progress bar")
 
@@ -287,6 +289,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     need(0 <= o.warmup_epochs < o.epochs, f"warmup_epochs must be in [0, epochs={o.epochs}), got {o.warmup_epochs}")
     need(r.knn_k >= 1 and r.knn_t > 0, f"knn_k must be >= 1 and knn_t > 0, got {r.knn_k}, {r.knn_t}")
     need(r.knn_every >= -1, f"knn_every must be >= -1, got {r.knn_every}")
+    need(r.keep_every >= 0, f"keep_every must be >= 0, got {r.keep_every}")
+    need(r.nonfinite in ("stop", "skip"), f"nonfinite={r.nonfinite!r} is unknown; choose stop or skip")
     need(r.threads is None or r.threads >= 1, f"threads must be >= 1 or none, got {r.threads}")
     need(r.device == "auto" or r.device.split(":")[0] in ("cpu", "cuda", "mps"),
          f"device={r.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")

@@ -26,6 +26,7 @@ from ..errors import CheckpointError
 FORMAT = "moco-pretrain"
 VERSION = 1
 LAST = "checkpoint.pt"
+BEST = "checkpoint_best.pt"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -78,13 +79,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def find_resume(spec: str, out_dir: str | Path) -> Path | None:
-    """The checkpoint meant by --resume: a path, or `auto` for the run directory's last one (None if none)."""
-    if spec == "auto":
-        path = Path(out_dir) / LAST
-        return path if path.is_file() else None
-    path = Path(spec)
-    if path.is_dir():
-        path = path / LAST
+    """The checkpoint meant by --resume: a path, a run folder, or `auto`.
+
+    `auto` (and a run folder) take the newest valid checkpoint of the folder, by optimizer step: the
+    last one, or a kept one if the last is unreadable. `auto` with none gives None (a new run).
+    """
+    path = Path(out_dir if spec == "auto" else spec)
+    if path.is_dir() or spec == "auto":
+        newest = None
+        for candidate in sorted(path.glob("checkpoint*.pt")):
+            try:
+                step = load_checkpoint(candidate)["step"]
+            except CheckpointError:
+                continue
+            if newest is None or step > newest[0]:
+                newest = (step, candidate)
+        if newest is None and spec != "auto":
+            raise CheckpointError(f"--resume {spec}: no valid checkpoint in that folder")
+        return None if newest is None else newest[1]
     if not path.is_file():
         raise CheckpointError(f"--resume {spec}: no checkpoint at {path}")
     return path

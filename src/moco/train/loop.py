@@ -1,8 +1,11 @@
 """The pretraining loop: data -> two augmented views -> MoCo -> InfoNCE -> SGD, with checkpoints."""
 
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,11 +17,11 @@ from tqdm import tqdm
 from ..config import PretrainConfig, to_yaml, validate
 from ..data.augment import EvalTransform, build_augment
 from ..data.sources import ImageSet, has_split, load_images
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, MocoError
 from ..evaluate.knn import knn_accuracy, knn_eval, pixel_features, reinitialised
 from ..model import build_moco
 from ..runtime import resolve_device, rng_state, seed_everything, set_rng_state
-from .checkpoint import LAST, load_checkpoint, save_checkpoint
+from .checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from .observe import LossWatch, MetricsLog, check_collapse, check_queue_size, key_spread
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -27,8 +30,8 @@ from .optim import build_optimizer, lr_at, set_lr
 class PretrainResult:
     out_dir: Path
     checkpoint: Path
-    epochs: int
-    loss: float  # mean loss of the last epoch
+    epochs: int  # completed epochs
+    loss: float  # mean loss of the last completed epoch
     knn: dict[str, float] | None = None  # the trained backbone's kNN accuracy on the test split
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # raw pixels, random encoder
 
@@ -83,138 +86,257 @@ class Knn:
                             r.knn_k, r.knn_t)
 
 
+class Interrupted(Exception):
+    """A run stopped by SIGTERM/SIGINT after saving a checkpoint at a step boundary."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int) -> None:
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: checkpoint saved at step {step} in {checkpoint}; continue with --resume auto")
+
+
+class NonFiniteLoss(MocoError):
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(
+            f"the {what} became non-finite at step {step}; the run stopped and its last good checkpoint is kept. "
+            "Likely causes: a learning rate too high (lower --lr or add --warmup-epochs), a temperature too "
+            "small (raise --temperature); --nonfinite skip skips such steps instead"
+        )
+
+
+class Trainer:
+    """A pretraining run: data, model, optimizer and position, and one method per part of the loop.
+
+    Position: `epoch` completed epochs and `step` optimizer steps; a checkpoint may be taken mid-epoch
+    (on SIGTERM/SIGINT), and the data order depends only on (seed, epoch), so a resumed run continues
+    exactly where it stopped.
+    """
+
+    def __init__(self, cfg: PretrainConfig, backbone: nn.Module | None = None,
+                 echo: Callable[[str], None] = print) -> None:
+        validate(cfg)
+        self.cfg, self.echo = cfg, echo
+        m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
+        self.device = resolve_device(r.device)
+        if r.threads is not None:
+            torch.set_num_threads(r.threads)
+        seed_everything(r.seed)
+        self.out_dir = Path(r.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        echo(f"# moco pretrain: config (also in {self.out_dir / 'config.yaml'})\n{to_yaml(cfg)}")
+
+        self.data = load_data(cfg)
+        train = self.data.train
+        echo(f"data: {train.name}, {len(train)} images {tuple(train.images.shape[1:])}, crop {self.data.size}px; "
+             f"kNN monitor: {'on ' + self.data.test.name if self.data.test is not None else 'off (no labelled test split)'}"
+             f"; device: {self.device}")
+        self.steps_per_epoch = len(train) // d.batch_size  # the last partial batch is dropped (split BN needs full groups)
+        if m.mechanism == "moco":
+            check_queue_size(m.queue_size, self.steps_per_epoch * d.batch_size * (2 if m.symmetric else 1))
+
+        self.model = build_moco(m, train.channels, self.data.size, backbone, num_images=len(train)).to(self.device)
+        self.memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        self.augment = build_augment(d.augment, self.data.size, self.data.mean, self.data.std,
+                                     d.crop_min_scale).to(self.device)
+        self.optimizer = build_optimizer(self.model.encoder_q.parameters(), o, d.batch_size)
+        self.knn = Knn(self.data, cfg, self.device) if self.data.test is not None else None
+        self.watch = LossWatch(*self.model.chance(d.batch_size))
+        self.epoch, self.step, self.skipped = 0, 0, 0
+        self.best_knn = -math.inf
+        self.stop_requested = False  # by on_step
+        self.stop_signal: int | None = None  # SIGTERM or SIGINT received
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from a checkpoint: model, optimizer, RNG state and position."""
+        state = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path} does not fit this model/config: {e}") from None
+        set_rng_state(state["rng"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.best_knn = state.get("best_knn", -math.inf)
+        self.echo(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+
+    def save(self, metrics: dict) -> Path:
+        """Write the last checkpoint (atomically), plus the kept ones: every `keep_every` epochs, the best kNN."""
+        d = self.data
+        at_epoch_end = self.step == self.epoch * self.steps_per_epoch
+        is_best = at_epoch_end and "knn_top1" in metrics and metrics["knn_top1"] >= self.best_knn
+        if is_best:
+            self.best_knn = metrics["knn_top1"]
+        state = {"config": asdict(self.cfg), "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "metrics": metrics,
+                 "best_knn": self.best_knn,
+                 "data": {"channels": d.train.channels, "size": d.size, "mean": d.mean, "std": d.std}}
+        last = save_checkpoint(state, self.out_dir / LAST)
+        keep = self.cfg.run.keep_every
+        if at_epoch_end and keep > 0 and self.epoch % keep == 0:
+            save_checkpoint(state, self.out_dir / f"checkpoint_epoch{self.epoch:04d}.pt")
+        if is_best:
+            save_checkpoint(state, self.out_dir / BEST)
+        return last
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One SGD step on the images `idx`; (loss, pretext accuracy), or None for a skipped non-finite step."""
+        images = self.data.train.images[idx].to(self.device, non_blocking=True)  # (B, C, H, W) uint8
+        x_q = self.augment(images).contiguous(memory_format=self.memory_format)  # (B, C, S, S)
+        x_k = (self.augment(images).contiguous(memory_format=self.memory_format)
+               if self.model.uses_key_view else None)  # (B, C, S, S)
+        logits, labels = self.model(x_q, x_k, idx.to(self.device))  # (B, 1 + K), (B,)
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.model.encoder_q.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss) & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        if not finite.item():  # one host sync per step: a bad update must never reach the weights
+            what = "loss" if not torch.isfinite(loss) else "gradient"
+            if self.cfg.run.nonfinite == "stop":
+                raise NonFiniteLoss(self.step + 1, what)
+            self.skipped += 1
+            self.echo(f"step {self.step + 1}: non-finite {what}, step skipped ({self.skipped} so far)")
+            return None
+        self.optimizer.step()
+        accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+        return loss.detach(), accuracy
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run_epoch(self, on_step: Callable[[int, nn.Module], bool | None] | None) -> dict | None:
+        """Train the rest of epoch `self.epoch`; its metrics, or None when stopped before its end."""
+        cfg, d, o, r = self.cfg, self.cfg.data, self.cfg.optim, self.cfg.run
+        self.model.train()
+        # The data order depends only on (seed, epoch): a resumed run sees the same batches.
+        order = torch.randperm(len(self.data.train),
+                               generator=torch.Generator().manual_seed(r.seed * 100_003 + self.epoch))
+        first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
+        loss_sum = torch.zeros((), device=self.device)
+        acc_sum = torch.zeros((), device=self.device)
+        seen, tic = 0, time.perf_counter()
+        bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{o.epochs}",
+                   disable=not r.progress, dynamic_ncols=True, leave=True)
+        for i in bar:
+            lr = lr_at(self.step, self.steps_per_epoch, o, d.batch_size)
+            set_lr(self.optimizer, lr)
+            out = self.train_step(order[i * d.batch_size : (i + 1) * d.batch_size])
+            self.step += 1
+            if out is not None:
+                loss_sum += out[0]
+                acc_sum += out[1]
+                seen += 1
+                if not self.watch.checked and self.step > self.watch.first_full_step:
+                    self.watch.step(self.step, out[0].item())
+            if seen and (seen % 20 == 0 or i == self.steps_per_epoch - 1):
+                img_s = seen * d.batch_size / (time.perf_counter() - tic)
+                values = {"loss": (loss_sum / seen).item(), "acc": 100 * (acc_sum / seen).item(), "lr": lr,
+                          "img_s": img_s}
+                bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.1f}%", lr=f"{lr:.4f}",
+                                img_s=f"{img_s:.0f}", refresh=False)
+                self.metrics.log(self.step, "train", values)
+            if on_step is not None and on_step(self.step, self.model):
+                self.stop_requested = True
+            if (self.stop_requested or self.stop_signal is not None) and i < self.steps_per_epoch - 1:
+                bar.close()
+                self.save({"step": self.step, "stopped": True})
+                return None
+        bar.close()
+        self.epoch += 1
+        if not seen:
+            raise NonFiniteLoss(self.step, "loss (every step of the epoch)")
+        values = {"epoch": self.epoch, "loss": (loss_sum / seen).item(), "acc": 100 * (acc_sum / seen).item(),
+                  "key_spread": key_spread(self.model.key_sample()), "seconds": time.perf_counter() - tic}
+        if self.skipped:
+            values["skipped_steps"] = self.skipped
+        knn_every, last = r.knn_every, self.epoch == o.epochs
+        if self.knn is not None and knn_every >= 0 and (last or (knn_every > 0 and self.epoch % knn_every == 0)):
+            values.update({f"knn_{k}": v for k, v in self.knn(self.model.encoder_q.backbone).items()})
+        self.metrics.log(self.step, "epoch", values)
+        self.echo("epoch {epoch}: loss {loss:.4f}, contrastive acc {acc:.1f}%, key spread {key_spread:.2f}, "
+                  "{seconds:.0f} s".format(**values)
+                  + (f", kNN top-1 {values['knn_top1']:.2f}%" if "knn_top1" in values else ""))
+        if first == 0 and self.epoch == 1:
+            self.watch.epoch_end(values["loss"])
+        check_collapse(values["key_spread"])
+        self.save(values)
+        return values
+
+    def fit(self, on_step: Callable[[int, nn.Module], bool | None] | None = None,
+            baselines: bool = True) -> PretrainResult:
+        """Train to cfg.optim.epochs (or until `on_step` returns True); SIGTERM/SIGINT save and stop."""
+        self.metrics = MetricsLog(self.out_dir, self.cfg.run.tensorboard)
+        values: dict | None = {}
+        with stop_on_signals(self):
+            try:
+                while self.epoch < self.cfg.optim.epochs:
+                    values = self.run_epoch(on_step)
+                    if self.stop_signal is not None:
+                        raise Interrupted(self.stop_signal, self.out_dir / LAST, self.step)
+                    if self.stop_requested:
+                        break
+            finally:
+                self.metrics.close()
+        knn = ({"top1": values["knn_top1"], "top5": values["knn_top5"]}
+               if values and "knn_top1" in values else None)
+        result = PretrainResult(self.out_dir, self.out_dir / LAST, self.epoch, (values or {}).get("loss", math.nan),
+                                knn)
+        if self.knn is not None and baselines:
+            backbone = self.model.encoder_q.backbone
+            if result.knn is None:
+                result.knn = self.knn(backbone)
+            result.baselines = {"raw pixels": self.knn.pixels(), "random encoder": self.knn(reinitialised(backbone))}
+            self.echo(summary(result, self.cfg, self.data))
+        return result
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """While training, SIGTERM and a first SIGINT ask for a checkpoint and a stop at the next step boundary;
+    a second SIGINT interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame) -> None:
+        if trainer.stop_signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+        trainer.echo(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+                     "(Ctrl-C again to stop at once)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def pretrain(
     cfg: PretrainConfig,
     resume: str | Path | None = None,
     backbone: nn.Module | None = None,
     baselines: bool = True,
     echo: Callable[[str], None] = print,
+    on_step: Callable[[int, nn.Module], bool | None] | None = None,
 ) -> PretrainResult:
-    """Pretrain with MoCo as `cfg` says; resume from a checkpoint path if given.
+    """Pretrain as `cfg` says; resume from a checkpoint path if given.
 
     `backbone` replaces cfg.model.arch with any module mapping (B, C, H, W) images to (B, D) features.
     With `baselines`, the end also measures kNN on raw pixels and on a randomly initialised encoder.
+    `on_step(step, model)` is called after every optimizer step; returning True stops the run (a
+    checkpoint is saved, and the result returned).
     """
-    validate(cfg)
-    state = load_checkpoint(resume) if resume is not None else None
-    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
-    device = resolve_device(r.device)
-    if r.threads is not None:
-        torch.set_num_threads(r.threads)
-    seed_everything(r.seed)
-    out_dir = Path(r.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    echo(f"# moco pretrain: config (also in {out_dir / 'config.yaml'})\n{to_yaml(cfg)}")
-
-    data = load_data(cfg)
-    train = data.train
-    echo(f"data: {train.name}, {len(train)} images {tuple(train.images.shape[1:])}, crop {data.size}px; "
-         f"kNN monitor: {'on ' + data.test.name if data.test is not None else 'off (no labelled test split)'}; "
-         f"device: {device}")
-    steps_per_epoch = len(train) // d.batch_size  # the last partial batch is dropped (split BN needs full groups)
-    if m.mechanism == "moco":
-        check_queue_size(m.queue_size, steps_per_epoch * d.batch_size * (2 if m.symmetric else 1))
-
-    model = build_moco(m, train.channels, data.size, backbone, num_images=len(train)).to(device)
-    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    augment = build_augment(d.augment, data.size, data.mean, data.std, d.crop_min_scale).to(device)
-    optimizer = build_optimizer(model.encoder_q.parameters(), o, d.batch_size)
-    knn = Knn(data, cfg, device) if data.test is not None else None
-
-    start_epoch, step = 0, 0
-    if state is not None:
-        start_epoch, step = restore(state, model, optimizer)
-        echo(f"resumed from {resume}: epoch {start_epoch}, step {step}")
-
-    metrics = MetricsLog(out_dir, r.tensorboard)
-    watch = LossWatch(*model.chance(d.batch_size))
-    checkpoint = out_dir / LAST
-    epoch_loss, knn_result = math.nan, None
-    try:
-        for epoch in range(start_epoch, o.epochs):
-            model.train()
-            # The data order depends only on (seed, epoch): a resumed run sees the same batches.
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(r.seed * 100_003 + epoch))
-            loss_sum = torch.zeros((), device=device)
-            acc_sum = torch.zeros((), device=device)
-            seen = 0
-            tic = time.perf_counter()
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{o.epochs}", disable=not r.progress,
-                       dynamic_ncols=True, leave=True)
-            for i in bar:
-                lr = lr_at(step, steps_per_epoch, o, d.batch_size)
-                set_lr(optimizer, lr)
-                idx = order[i * d.batch_size : (i + 1) * d.batch_size]
-                images = train.images[idx].to(device, non_blocking=True)  # (B, C, H, W) uint8
-                x_q = augment(images).contiguous(memory_format=memory_format)  # (B, C, S, S)
-                x_k = augment(images).contiguous(memory_format=memory_format) if model.uses_key_view else None
-                logits, labels = model(x_q, x_k, idx.to(device))  # (B, 1 + K), (B,)
-                loss = F.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                loss_sum += loss.detach()
-                acc_sum += (logits.detach().argmax(dim=1) == labels).float().mean()
-                seen += 1
-                if not watch.checked and step > watch.first_full_step:
-                    watch.step(step, loss.item())
-                if seen % 20 == 0 or i == steps_per_epoch - 1:
-                    mean_loss = (loss_sum / seen).item()
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(
-                            f"the loss became {mean_loss} by step {step}: lower the lr or raise the temperature T"
-                        )
-                    img_s = seen * d.batch_size / (time.perf_counter() - tic)
-                    values = {"loss": mean_loss, "acc": 100 * (acc_sum / seen).item(), "lr": lr, "img_s": img_s}
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.1f}%", lr=f"{lr:.4f}",
-                                    img_s=f"{img_s:.0f}", refresh=False)
-                    metrics.log(step, "train", values)
-            bar.close()
-            epoch_loss = (loss_sum / seen).item()
-            spread = key_spread(model.key_sample())
-            values = {"epoch": epoch + 1, "loss": epoch_loss, "acc": 100 * (acc_sum / seen).item(),
-                      "key_spread": spread, "seconds": time.perf_counter() - tic}
-            last = epoch + 1 == o.epochs
-            if knn is not None and r.knn_every >= 0 and (last or (r.knn_every > 0 and (epoch + 1) % r.knn_every == 0)):
-                knn_result = knn(model.encoder_q.backbone)
-                values.update(knn_top1=knn_result["top1"], knn_top5=knn_result["top5"])
-            metrics.log(step, "epoch", values)
-            echo("epoch {epoch}: loss {loss:.4f}, contrastive acc {acc:.1f}%, key spread {key_spread:.2f}, "
-                 "{seconds:.0f} s".format(**values)
-                 + (f", kNN top-1 {values['knn_top1']:.2f}%" if "knn_top1" in values else ""))
-            if epoch == start_epoch:
-                watch.epoch_end(epoch_loss)
-            check_collapse(spread)
-            save_checkpoint(
-                {"config": asdict(cfg), "epoch": epoch + 1, "step": step, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "rng": rng_state(), "metrics": values,
-                 "data": {"channels": train.channels, "size": data.size, "mean": data.mean, "std": data.std}},
-                checkpoint,
-            )
-    finally:
-        metrics.close()
-
-    result = PretrainResult(out_dir, checkpoint, o.epochs, epoch_loss, knn_result)
-    if knn is not None and baselines:
-        if result.knn is None:
-            result.knn = knn(model.encoder_q.backbone)
-        result.baselines = {"raw pixels": knn.pixels(), "random encoder": knn(reinitialised(model.encoder_q.backbone))}
-        echo(summary(result, cfg, data))
-    return result
-
-
-def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """Load a checkpoint's model, optimizer and RNG state; returns (completed epochs, steps)."""
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint does not fit this model/config: {e}") from None
-    set_rng_state(state["rng"])
-    return int(state["epoch"]), int(state["step"])
+    trainer = Trainer(cfg, backbone, echo)
+    if resume is not None:
+        trainer.restore(resume)
+    return trainer.fit(on_step, baselines)
 
 
 def summary(result: PretrainResult, cfg: PretrainConfig, data: Data) -> str:
