@@ -7,7 +7,8 @@ Studies (the paper's section 4.1):
     heads        v1 (linear head, T=0.07, v1 augmentation) vs v2 (MLP head, T=0.2, aug+)
 Every run is the CPU preset on the same training subset for the same number of epochs, evaluated by
 kNN on the 10,000 test images. Results go to a CSV and a Markdown table, with plots, the commit, the
-machine and the command; runs already in the CSV with the same config are not repeated.
+machine and the command; runs already in the CSV with the same config are not repeated. Each run's
+folder (with its checkpoint) is under OUT/runs/, its metrics are copied to OUT/curves/.
 """
 
 import csv
@@ -94,13 +95,16 @@ def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = ST
     for i, run in enumerate(plan(studies)):
         cfg = C.apply_overrides(C.preset("cpu"), {**base, **run.overrides, "out_dir": str(out / "runs" / slug(run))})
         key = json.dumps(C.asdict(cfg), sort_keys=True)
+        curve_path = out / "curves" / f"{slug(run)}.jsonl"
         if rows.get((run.study, run.name), {}).get("config") == key:
             echo(f"[{i + 1}] {run.study}: {run.name}: done before, kept")
+            keep_curve(Path(cfg.run.out_dir), curve_path)
             continue
         echo(f"[{i + 1}] {run.study}: {run.name}")
         tic = time.perf_counter()
         result = pretrain(cfg, baselines=False, echo=lambda s: None)
-        curve = [json.loads(x) for x in (Path(cfg.run.out_dir) / "metrics.jsonl").read_text().splitlines()]
+        keep_curve(Path(cfg.run.out_dir), curve_path)
+        curve = [json.loads(x) for x in curve_path.read_text().splitlines()]
         rows[(run.study, run.name)] = {
             "study": run.study, "name": run.name, "knn_top1": round(result.knn["top1"], 2),
             "knn_top5": round(result.knn["top5"], 2), "final_loss": round(result.loss, 4),
@@ -115,6 +119,14 @@ def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = ST
     write_markdown(out / "results.md", list(rows.values()), header)
     plot(out, list(rows.values()))
     return out / "results.md"
+
+
+def keep_curve(run_dir: Path, curve_path: Path) -> None:
+    """Copy a run's metrics next to the results (the run folders, with their checkpoints, are not kept)."""
+    source = run_dir / "metrics.jsonl"
+    if source.is_file():
+        curve_path.parent.mkdir(parents=True, exist_ok=True)
+        curve_path.write_text(source.read_text())
 
 
 def slug(run: Run) -> str:
@@ -188,9 +200,8 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> None:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         for r in by[study]:
-            run_dir = out / "runs" / slug(Run(r["study"], r["name"], {}))
-            curve = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-                     if '"train"' in x] if (run_dir / "metrics.jsonl").is_file() else []
+            path = out / "curves" / f"{slug(Run(r['study'], r['name'], {}))}.jsonl"
+            curve = [json.loads(x) for x in path.read_text().splitlines() if '"train"' in x] if path.is_file() else []
             axes[0].plot([c["step"] for c in curve], [c["acc"] for c in curve], label=r["name"])
         axes[0].set(title="pretext (K+1)-way accuracy", xlabel="step", ylabel="%")
         axes[0].legend(fontsize=8)
