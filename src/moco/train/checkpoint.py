@@ -12,6 +12,7 @@ A checkpoint is a dict of tensors and plain Python values saved with `torch.save
 Loading uses `torch.load(weights_only=True)`, which cannot execute code from the file.
 """
 
+import errno
 import os
 import pickle
 import tempfile
@@ -43,8 +44,13 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(
+                f"the disk is full: could not write {path} ({e.strerror}); the previous checkpoint there is intact. "
+                "Free some space (or point --out-dir elsewhere) and continue with --resume auto"
+            ) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -1,5 +1,6 @@
 """The pretraining loop: data -> two augmented views -> MoCo -> InfoNCE -> SGD, with checkpoints."""
 
+import copy
 import math
 import signal
 import threading
@@ -104,6 +105,17 @@ class NonFiniteLoss(MocoError):
         )
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+class OutOfMemory(MocoError):
+    def __init__(self, batch: int, device: torch.device, fits: int) -> None:
+        hint = (f"the largest batch that fits is about {fits}: use --batch-size {fits} (the lr scales with it)"
+                if fits else "not even a batch of bn_splits images fits: use a smaller model or image size")
+        super().__init__(f"out of memory on {device} for a batch of {batch}; {hint}")
+
+
 class Trainer:
     """A pretraining run: data, model, optimizer and position, and one method per part of the loop.
 
@@ -186,6 +198,36 @@ class Trainer:
 
     def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One SGD step on the images `idx`; (loss, pretext accuracy), or None for a skipped non-finite step."""
+        try:
+            return self._train_step(idx)
+        except RuntimeError as e:  # torch.OutOfMemoryError on accelerators, a RuntimeError on the CPU
+            if not is_out_of_memory(e):
+                raise
+        raise OutOfMemory(self.cfg.data.batch_size, self.device, self.largest_batch())
+
+    def largest_batch(self) -> int:
+        """The largest batch (halving from the configured one) whose step fits in memory, state left unchanged."""
+        state = copy.deepcopy(self.model.state_dict())
+        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        rng = rng_state()
+        batch = self.cfg.data.batch_size // 2
+        try:
+            while batch >= self.cfg.model.bn_splits:
+                try:
+                    self._train_step(torch.arange(batch - batch % self.cfg.model.bn_splits))
+                    return batch - batch % self.cfg.model.bn_splits
+                except RuntimeError as e:
+                    if not is_out_of_memory(e):
+                        raise
+                    batch //= 2
+            return 0
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.load_state_dict(state)
+            self.optimizer.load_state_dict(optimizer_state)
+            set_rng_state(rng)
+
+    def _train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         images = self.data.train.images[idx].to(self.device, non_blocking=True)  # (B, C, H, W) uint8
         x_q = self.augment(images).contiguous(memory_format=self.memory_format)  # (B, C, S, S)
         x_k = (self.augment(images).contiguous(memory_format=self.memory_format)

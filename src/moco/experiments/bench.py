@@ -1,0 +1,579 @@
+"""`moco bench`: how fast the library pretrains, against a faithful reference, on one machine.
+
+Two modes, each in one process, on the same data (Fashion-MNIST by default) and the same model:
+
+throughput
+    Images/s over whole training steps (augmentation, forward, backward, SGD and the loop's own work),
+    after a warm-up, the median of several timed windows, for the library's `pretrain` and for the
+    reference (`reference.py`: per-image PIL augmentation in DataLoader workers, the official model
+    code). Also: model FLOPs per image of a training step, the FLOP/s the library achieves as a
+    fraction of the machine's measured fp32 matmul peak, and peak memory.
+time-to-accuracy
+    kNN top-1 on the test split against training wall-clock time, within a fixed budget, for both;
+    evaluation time is excluded from the budget and reported separately.
+
+Each run replaces (same setup) or appends an entry in `<out>/<mode>-<machine>.json`, and the Markdown
+page `<out>.md` (docs/benchmarks.md) is regenerated from all results files, never written by hand.
+"""
+
+import copy
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .. import config as C
+from ..errors import ConfigError
+from ..model import build_moco
+from ..runtime import resolve_device, seed_everything
+from ..train.loop import Data, Knn, load_data, pretrain
+from .ablate import commit
+from .reference import reference_model, train_reference
+
+MODES = ("throughput", "time-to-accuracy")
+# The x86 vector extensions that decide fp32 and bf16 speed on a CPU.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@dataclass
+class BenchSettings:
+    """What `moco bench` measures; stored with every result."""
+
+    mode: str = "throughput"
+    preset: str = "cpu"
+    device: str = "auto"
+    batch_size: int | None = None  # None: the preset's
+    threads: int | None = None  # None: torch's default
+    train_subset: int | None = None
+    warmup: int = 10  # steps before the first timed window
+    steps: int = 20  # steps per timed window
+    windows: int = 5
+    workers: int | None = None  # the reference's DataLoader worker processes; None: one per CPU core
+    reference: bool = True
+    profile: bool = False  # also profile the library's step (top operators)
+    minutes: float = 10.0  # time-to-accuracy: training budget of each implementation
+    every: float = 60.0  # time-to-accuracy: seconds of training between kNN evaluations
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.workers is None:
+            self.workers = os.cpu_count() or 1
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if min(self.warmup, self.steps, self.windows) < 1:
+            raise ConfigError("warmup, steps and windows must be >= 1")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.minutes <= 0 or self.every <= 0:
+            raise ConfigError("minutes and every must be > 0")
+
+    def setup(self) -> dict[str, Any]:
+        """The settings that make two results comparable: a new result replaces an old one with the same."""
+        keys = ["preset", "device", "batch_size", "threads", "train_subset", "workers", "reference"]
+        if self.mode == "time-to-accuracy":
+            keys += ["minutes", "every"]
+        return {k: getattr(self, k) for k in keys}
+
+    def command(self) -> str:
+        """The full command line that repeats this run."""
+        args = ["moco", "bench", "--mode", self.mode, "--preset", self.preset, "--device", self.device,
+                "--warmup", self.warmup, "--steps", self.steps, "--windows", self.windows, "--workers", self.workers,
+                "--seed", self.seed]
+        for flag, value in (("--batch-size", self.batch_size), ("--threads", self.threads),
+                            ("--train-subset", self.train_subset)):
+            if value is not None:
+                args += [flag, value]
+        if self.mode == "time-to-accuracy":
+            args += ["--minutes", self.minutes, "--every", self.every]
+        if not self.reference:
+            args.append("--skip-reference")
+        if self.profile:
+            args.append("--profile")
+        return " ".join(str(a) for a in args)
+
+
+def bench_config(s: BenchSettings, out_dir: str, epochs: int) -> C.PretrainConfig:
+    """The preset's pretraining config, quiet (no monitor, bar or TensorBoard), for `epochs` epochs."""
+    overrides: dict[str, Any] = {"device": s.device, "threads": s.threads, "seed": s.seed, "out_dir": out_dir,
+                                 "epochs": epochs, "knn_every": -1, "tensorboard": False, "progress": False}
+    if s.batch_size is not None:
+        overrides["batch_size"] = s.batch_size
+    if s.train_subset is not None:
+        overrides["train_subset"] = s.train_subset
+    return C.validate(C.apply_overrides(C.preset(s.preset), overrides))
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it covers that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class Windows:
+    """on_step hook: times `windows` runs of `steps` optimizer steps after `warmup` steps, then stops training."""
+
+    def __init__(self, warmup: int, steps: int, windows: int, device: torch.device) -> None:
+        self.warmup, self.steps, self.windows, self.device = warmup, steps, windows, device
+        self.marks: list[float] = []  # clock at the start of each window and at the end of the last
+
+    def __call__(self, step: int, model: nn.Module) -> bool:
+        if step >= self.warmup and (step - self.warmup) % self.steps == 0:
+            synchronize(self.device)
+            self.marks.append(time.perf_counter())
+        return len(self.marks) > self.windows
+
+    def images_per_second(self, batch_size: int) -> list[float]:
+        return [self.steps * batch_size / (end - start) for start, end in zip(self.marks, self.marks[1:])]
+
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Start new high-water marks of RSS and CUDA memory; returns the RSS now, in MiB.
+
+    On Linux, writing 5 to /proc/self/clear_refs resets the RSS high-water mark that getrusage reports;
+    elsewhere the mark keeps covering the whole process.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return _maxrss_mib(resource.RUSAGE_SELF)
+
+
+def _maxrss_mib(who: int) -> float:
+    """getrusage's maximum resident set size in MiB (kilobytes on Linux, bytes on macOS)."""
+    return resource.getrusage(who).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def timed(run: Callable[[Windows], None], s: BenchSettings, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Run a training loop under a `Windows` hook; its images/s (median and per window), peak memory, load."""
+    hook = Windows(s.warmup, s.steps, s.windows, device)
+    load_before = os.getloadavg()
+    rss_start = reset_peak_memory(device)
+    run(hook)
+    per_window = hook.images_per_second(batch_size)
+    result = {"img_s": round(statistics.median(per_window), 1), "windows": [round(v, 1) for v in per_window],
+              "rss_start_mib": round(rss_start), "peak_rss_mib": round(_maxrss_mib(resource.RUSAGE_SELF)),
+              "load_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
+    if device.type == "cuda":
+        result["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    return result
+
+
+def epochs_for_steps(steps: int, steps_per_epoch: int) -> int:
+    """Enough epochs for `steps` steps, so the schedule never ends a measurement early."""
+    return math.ceil(steps / steps_per_epoch) + 1
+
+
+def measure_ours(s: BenchSettings, n_train: int, device: torch.device) -> dict[str, Any]:
+    """Throughput of the library's own `pretrain` (all of its loop, checkpoints at epoch ends included)."""
+    probe = bench_config(s, "", 1)
+    batch = probe.data.batch_size
+    epochs = epochs_for_steps(s.warmup + s.steps * s.windows, n_train // batch)
+    with tempfile.TemporaryDirectory(prefix="moco-bench-") as tmp:
+        cfg = bench_config(s, tmp, epochs)
+        return timed(lambda hook: pretrain(cfg, baselines=False, echo=lambda _: None, on_step=hook), s, batch, device)
+
+
+def measure_reference(s: BenchSettings, data: Data, device: torch.device) -> dict[str, Any]:
+    """Throughput of the reference loop on the same images; also the largest worker's peak RSS."""
+    cfg = bench_config(s, "", 1)
+    batch = cfg.data.batch_size
+    epochs = epochs_for_steps(s.warmup + s.steps * s.windows, len(data.train) // batch)
+    seed_everything(s.seed)
+
+    def run(hook: Windows) -> None:
+        train_reference(cfg, data.train.images, data.size, data.mean, data.std, device, s.workers, hook, epochs)
+
+    result = timed(run, s, batch, device)
+    if s.workers:  # the workers have exited and been waited for when train_reference returns
+        result["workers_peak_rss_mib"] = round(_maxrss_mib(resource.RUSAGE_CHILDREN))
+    return result
+
+
+def flops_per_image(model: nn.Module, batch: int, channels: int, size: int, device: torch.device,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> float:
+    """Model FLOPs per image of one training step: query forward + backward, key forward, logits, loss.
+
+    Counted by torch's FlopCounterMode (convolutions and matrix products; a multiply-add is 2 FLOPs) on
+    a copy of `model`, whose state (queue, key encoder, BN statistics) is left untouched. The count
+    does not depend on the pixel values, so random views stand in for augmented ones.
+    """
+    model = copy.deepcopy(model).train()
+    views = torch.randn(2, batch, channels, size, size, device=device)  # (2, B, C, S, S)
+    x_q, x_k = (v.contiguous(memory_format=memory_format) for v in views)  # (B, C, S, S) each
+    with FlopCounterMode(display=False) as counter:
+        logits, labels = model(x_q, x_k)  # (B, 1 + K), (B,)
+        F.cross_entropy(logits, labels).backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matmul FLOP/s as measured here: median over `repeats` (n x n) @ (n x n) products."""
+    a, b = torch.randn(2, n, n, device=device)  # (n, n) each
+    out = torch.empty(n, n, device=device)  # (n, n)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        tic = time.perf_counter()
+        torch.mm(a, b, out=out)
+        synchronize(device)
+        seconds.append(time.perf_counter() - tic)
+    return 2 * n**3 / statistics.median(seconds)
+
+
+def profile_ours(s: BenchSettings, n_train: int, device: torch.device, steps: int = 10,
+                 top: int = 12) -> list[dict[str, Any]]:
+    """The `top` operators of the library's step by self time, over `steps` steps after s.warmup steps.
+
+    "ProfilerStep*" is the time of a step spent outside any operator: Python and the loop's own work.
+    """
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    batch = bench_config(s, "", 1).data.batch_size
+    epochs = epochs_for_steps(s.warmup + steps, n_train // batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with tempfile.TemporaryDirectory(prefix="moco-bench-") as tmp:
+        cfg = bench_config(s, tmp, epochs)
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=s.warmup, active=steps, repeat=1)) as prof:
+
+            def hook(step: int, model: nn.Module) -> bool:
+                prof.step()
+                return step >= s.warmup + steps
+
+            pretrain(cfg, baselines=False, echo=lambda _: None, on_step=hook)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
+             "share": round(e.self_cpu_time_total / total, 3), "calls_per_step": round(e.count / steps, 1)}
+            for e in ranked]
+
+
+# -- the two modes ----------------------------------------------------------------------------------
+
+
+def throughput(s: BenchSettings, device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Both implementations' images/s, FLOPs per image, fraction of the matmul peak, peak memory."""
+    probe = bench_config(s, "", 1)
+    # Loaded once and held through both measurements, so both peak RSS figures include this copy.
+    data = load_data(probe)
+    channels, batch = data.train.channels, probe.data.batch_size
+    memory_format = torch.channels_last if probe.run.channels_last else torch.contiguous_format
+    ours_model = build_moco(probe.model, channels, data.size).to(device, memory_format=memory_format)
+    ours_flops = flops_per_image(ours_model, batch, channels, data.size, device, memory_format)
+    if s.reference:  # built before any measurement: a config the reference cannot run fails at once
+        reference_flops = flops_per_image(reference_model(probe, channels, data.size).to(device), batch, channels,
+                                          data.size, device)
+    peak = matmul_peak(device)
+    echo(f"fp32 matmul peak (2048^3, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
+    ours = measure_ours(s, len(data.train), device)
+    ours["flops_per_image"] = round(ours_flops)
+    achieved = ours_flops * ours["img_s"]
+    result: dict[str, Any] = {"ours": ours, "matmul_peak_flops": round(peak), "achieved_flops": round(achieved),
+                              "fraction_of_peak": round(achieved / peak, 4)}
+    echo(f"ours:      {ours['img_s']:.0f} img/s (windows {ours['windows']}), peak RSS {ours['peak_rss_mib']} MiB; "
+         f"{ours_flops / 1e6:.1f} MFLOP per image and step -> {achieved / 1e9:.1f} GFLOP/s = "
+         f"{100 * achieved / peak:.1f}% of the matmul peak")
+    if s.reference:
+        reference = measure_reference(s, data, device)
+        reference["flops_per_image"] = round(reference_flops)
+        result["reference"] = reference
+        result["speedup"] = round(ours["img_s"] / reference["img_s"], 2)
+        echo(f"reference: {reference['img_s']:.0f} img/s (windows {reference['windows']}), peak RSS "
+             f"{reference['peak_rss_mib']} MiB (+ workers {reference.get('workers_peak_rss_mib', 0)} MiB); "
+             f"{reference_flops / 1e6:.1f} MFLOP per image and step")
+        echo(f"ours / reference: {result['speedup']:.2f}x")
+    if s.profile:
+        result["profile"] = profile_ours(s, len(data.train), device)
+        echo("ours, top operators by self time:\n" + "\n".join(
+            f"  {p['op']:<40} {p['ms_per_step']:8.2f} ms/step  {100 * p['share']:5.1f}%" for p in result["profile"]))
+    return result
+
+
+class Deadline:
+    """on_step hook for a training-time budget: kNN top-1 every `every` s of training, stop after `budget` s.
+
+    The training clock starts when the hook is made and excludes the time spent evaluating, which is
+    added up separately. Evaluations land on the first step past each mark, so their times are the
+    actual training times, not the marks.
+    """
+
+    def __init__(self, evaluate: Callable[[nn.Module], float], budget: float, every: float,
+                 device: torch.device) -> None:
+        self.evaluate, self.budget, self.every, self.device = evaluate, budget, every, device
+        self.start = time.perf_counter()
+        self.eval_seconds = 0.0
+        self.next = min(every, budget)
+        self.points: list[dict[str, float]] = []
+        self.last: tuple[int, nn.Module] | None = None  # the latest (step, model) seen
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.eval_seconds
+
+    def __call__(self, step: int, model: nn.Module) -> bool:
+        self.last = (step, model)
+        if self.training_seconds() < self.next:
+            return False
+        synchronize(self.device)
+        elapsed = self.training_seconds()
+        self.record(step, model, elapsed)
+        self.next = min((math.floor(elapsed / self.every) + 1) * self.every, self.budget)
+        return elapsed >= self.budget
+
+    def record(self, step: int, model: nn.Module, elapsed: float) -> None:
+        tic = time.perf_counter()
+        top1 = self.evaluate(model)
+        seconds = time.perf_counter() - tic
+        self.eval_seconds += seconds
+        self.points.append({"minutes": round(elapsed / 60, 3), "step": step, "knn_top1": round(top1, 2),
+                            "eval_seconds": round(seconds, 1)})
+
+    def finish(self) -> None:
+        """Evaluate the final model when training ended (its epochs done) before the budget."""
+        if self.last is not None and (not self.points or self.points[-1]["step"] != self.last[0]):
+            self.record(*self.last, self.training_seconds())
+
+
+def time_to_accuracy(s: BenchSettings, device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
+    """kNN top-1 against training time within s.minutes, for ours and the reference, plus raw pixels.
+
+    The cosine schedule of each run is as long as the number of epochs that implementation is expected
+    to finish in the budget (from its throughput measured first), so each run anneals its learning rate
+    by the deadline, as a run planned for that budget would; a longer schedule would be cut off at a
+    high learning rate, a shorter one would stop before the budget.
+    """
+    probe = bench_config(s, "", 1)
+    data = load_data(probe)
+    knn = Knn(data, probe, device)  # the loop's kNN monitor: same evaluation for both
+    pixels = knn.pixels()["top1"]
+    echo(f"raw-pixel kNN top-1: {pixels:.2f}%")
+    batch, n_train = probe.data.batch_size, len(data.train)
+    budget = 60 * s.minutes
+    result: dict[str, Any] = {"raw_pixels_knn_top1": round(pixels, 2), "budget_minutes": s.minutes}
+
+    def evaluate(model: nn.Module) -> float:
+        return knn(model.encoder_q.backbone)["top1"]
+
+    def planned_epochs(img_s: float) -> int:
+        return max(1, math.ceil(budget * img_s / (n_train // batch * batch)))
+
+    speed = measure_ours(s, n_train, device)
+    epochs = planned_epochs(speed["img_s"])
+    echo(f"ours: {speed['img_s']:.0f} img/s -> cosine schedule of {epochs} epochs for {s.minutes:g} minutes")
+    with tempfile.TemporaryDirectory(prefix="moco-bench-") as tmp:
+        cfg = bench_config(s, tmp, epochs)
+        hook = Deadline(evaluate, budget, s.every, device)
+        pretrain(cfg, baselines=False, echo=lambda _: None, on_step=hook)
+        hook.finish()
+    result["ours"] = {"img_s": speed["img_s"], "schedule_epochs": epochs, "curve": hook.points,
+                      "eval_seconds": round(hook.eval_seconds, 1)}
+    echo("ours: " + ", ".join(f"{p['minutes']:.1f} min {p['knn_top1']:.2f}%" for p in hook.points))
+    if s.reference:
+        speed = measure_reference(s, data, device)
+        epochs = planned_epochs(speed["img_s"])
+        echo(f"reference: {speed['img_s']:.0f} img/s -> cosine schedule of {epochs} epochs")
+        seed_everything(s.seed)
+        hook = Deadline(evaluate, budget, s.every, device)
+        train_reference(probe, data.train.images, data.size, data.mean, data.std, device, s.workers, hook, epochs)
+        hook.finish()
+        result["reference"] = {"img_s": speed["img_s"], "schedule_epochs": epochs, "curve": hook.points,
+                               "eval_seconds": round(hook.eval_seconds, 1)}
+        echo("reference: " + ", ".join(f"{p['minutes']:.1f} min {p['knn_top1']:.2f}%" for p in hook.points))
+    return result
+
+
+# -- where results go ----------------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores, vector extensions, torch version and threads, device (and GPU name)."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "isa": [f for f in _ISA_FLAGS if f in flags],
+                            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    info["slug"] = machine_slug(info)
+    return info
+
+
+def machine_slug(info: dict[str, Any]) -> str:
+    """A file-name-safe name of a machine, e.g. intel-xeon-processor-2c (or the GPU's name on CUDA)."""
+    name = info.get("gpu") or f"{info['cpu']}-{info['cores']}c"
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*?(?=-\d+c$|$)", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def results_path(out: Path, mode: str, slug: str) -> Path:
+    return out / f"{mode}-{slug}.json"
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())["entries"] if path.is_file() else []
+
+
+def save_result(out: Path, entry: dict[str, Any]) -> Path:
+    """Add `entry` to its machine's results file, replacing an entry with the same mode and setup."""
+    path = results_path(out, entry["mode"], entry["machine"]["slug"])
+    entries = [e for e in read_results(path) if e["setup"] != entry["setup"]] + [entry]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def table_path(out: Path) -> Path:
+    """The Markdown page built from the results in `out`: docs/benchmarks -> docs/benchmarks.md."""
+    return out.parent / f"{out.name}.md"
+
+
+def plot_curve(path: Path, entry: dict[str, Any]) -> None:
+    """kNN top-1 against training minutes, ours and the reference, with the raw-pixel level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (("ours", "o-"), ("reference", "s--")):
+        if name in entry["result"]:
+            curve = entry["result"][name]["curve"]
+            ax.plot([p["minutes"] for p in curve], [p["knn_top1"] for p in curve], style, label=name)
+    ax.axhline(entry["result"]["raw_pixels_knn_top1"], color="gray", linestyle=":", label="raw pixels")
+    ax.set(title=f"Time to accuracy ({entry['machine']['slug']})", xlabel="training minutes (evaluation excluded)",
+           ylabel="kNN top-1 (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_table(out: Path) -> Path:
+    """Regenerate the Markdown page from every results file in `out`."""
+    entries = sorted((e for p in sorted(out.glob("*.json")) for e in read_results(p)), key=lambda e: e["date"])
+    runs = [e for e in entries if e["mode"] == "throughput"]
+    curves = [e for e in entries if e["mode"] == "time-to-accuracy"]
+    lines = ["# Benchmarks", "",
+             f"Generated by `moco bench` from the results files in `{out.name}/`; edit those (or rerun), not this page.",
+             "", "## Throughput", "",
+             "Images/s over whole training steps (augmentation included) after a warm-up, median of the timed "
+             "windows, both implementations in one process on the same data and model. *Ours* is the library's "
+             "`pretrain`; the *reference* follows the official recipe (per-image PIL augmentation in DataLoader "
+             "workers, the official model code; `src/moco/experiments/reference.py`). FLOPs per image count one "
+             "training step (query forward + backward, key forward; a multiply-add is 2 FLOPs); the peak is a "
+             "2048x2048 fp32 `torch.mm` measured in the same process. Peak RSS includes Python, torch and the data "
+             "set; the reference's workers are extra processes. Load is the 1-minute load average before and "
+             "after each measurement (compare it with the number of cores).", "",
+             "| machine | device, threads | preset, batch | ours img/s | reference img/s | ours / ref | "
+             "MFLOP/img | ours GFLOP/s (of peak) | peak RSS MiB ours / ref (+workers) | load ours; ref | commit | "
+             "date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in runs:
+        m, st, r = e["machine"], e["settings"], e["result"]
+        ours, ref = r["ours"], r.get("reference")
+        load = "{:.1f}-{:.1f}".format(*ours["load_1min"]) + (
+            "; {:.1f}-{:.1f}".format(*ref["load_1min"]) if ref else "")
+        rss = f"{ours['peak_rss_mib']} / " + (
+            f"{ref['peak_rss_mib']} (+{ref.get('workers_peak_rss_mib', 0)})" if ref else "-")
+        lines.append(
+            f"| {m['cpu']}, {m['cores']} cores | {m['device']}, {m['threads']} | {st['preset']}, {e['batch_size']} | "
+            f"{ours['img_s']:.0f} | {ref['img_s'] if ref else 0:.0f} | {r.get('speedup', '-')}x | "
+            f"{ours['flops_per_image'] / 1e6:.1f} | {r['achieved_flops'] / 1e9:.1f} "
+            f"({100 * r['fraction_of_peak']:.1f}% of {r['matmul_peak_flops'] / 1e9:.0f}) | {rss} | {load} | "
+            f"`{e['commit']}` | {e['date'][:10]} |")
+    for e in runs:
+        if "profile" in e["result"]:
+            lines += ["", f"### Where ours spends a step: {e['machine']['cpu']}, {e['date'][:10]}", "",
+                      "Top operators by self time (torch.profiler); `ProfilerStep*` is time outside any operator "
+                      "(Python, the loop itself).", "", "| operator | ms/step | share | calls/step |", "|---|---|---|---|"]
+            lines += [f"| `{p['op']}` | {p['ms_per_step']:.2f} | {100 * p['share']:.1f}% | {p['calls_per_step']:g} |"
+                      for p in e["result"]["profile"]]
+    if curves:
+        lines += ["", "## Time to accuracy", "",
+                  "kNN top-1 (weighted, k=200, t=0.1; the 10,000 test images against the training set) at checkpoints "
+                  "of a fixed training-time budget; evaluation time is excluded from the budget. Each run's cosine "
+                  "schedule is sized to the epochs it is expected to finish in the budget."]
+    for e in curves:
+        r = e["result"]
+        names = [n for n in ("ours", "reference") if n in r]
+        lines += ["", f"### {e['machine']['cpu']}, {r['budget_minutes']:g} minutes, {e['date'][:10]} "
+                  f"(`{e['commit']}`)", "",
+                  f"Raw-pixel kNN top-1: {r['raw_pixels_knn_top1']:.2f}%. " + " ".join(
+                      f"{n}: {r[n]['img_s']:.0f} img/s, schedule {r[n]['schedule_epochs']} epochs, "
+                      f"evaluation {r[n]['eval_seconds']:.0f} s." for n in names),
+                  f"Load (1 min) at the start: {e['load_1min'][0]:.1f}. Command: `{e['command']}`", "",
+                  "| checkpoint | " + " | ".join(f"{n}: minutes, step, kNN top-1" for n in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for i in range(max(len(r[n]["curve"]) for n in names)):
+            cells = []
+            for n in names:
+                curve = r[n]["curve"]
+                cells.append(f"{curve[i]['minutes']:.2f}, {curve[i]['step']}, **{curve[i]['knn_top1']:.2f}%**"
+                             if i < len(curve) else "")
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+        lines += ["", f"![time to accuracy]({out.name}/{e['plot']})"]
+    path = table_path(out)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def bench(s: BenchSettings, out: str | Path = "docs/benchmarks", echo: Callable[[str], None] = print) -> Path:
+    """Run one benchmark, save its entry in its results file, regenerate the Markdown page; returns the file."""
+    s.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(s.device)
+    s = replace(s, device=str(device))  # results of "auto" and of the device it picked are the same setup
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    load = os.getloadavg()
+    echo(f"moco bench {s.mode}: load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
+    if load[0] > 0.5 * (os.cpu_count() or 1):
+        echo("  (the machine is busy: figures will be low and noisy)")
+    tic = time.perf_counter()
+    result = (throughput if s.mode == "throughput" else time_to_accuracy)(s, device, echo)
+    entry = {"mode": s.mode, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+             "command": s.command(), "machine": machine_info(device), "load_1min": [round(load[0], 2), round(os.getloadavg()[0], 2)],
+             "seconds": round(time.perf_counter() - tic, 1), "batch_size": bench_config(s, "", 1).data.batch_size,
+             "setup": s.setup(), "settings": asdict(s), "result": result}
+    if s.mode == "time-to-accuracy":
+        entry["plot"] = f"{s.mode}-{entry['machine']['slug']}-{s.minutes:g}min.png"
+        plot_curve(out / entry["plot"], entry)
+    path = save_result(out, entry)
+    echo(f"wrote {path} and {write_table(out)}")
+    return path
