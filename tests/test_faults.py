@@ -213,3 +213,50 @@ def test_random_command_line_values_never_give_a_traceback(capsys, name, value):
     assert code in (0, 2)
     err = capsys.readouterr().err
     assert "Traceback" not in err and (code == 0 or "error" in err)
+
+
+def _valid_image_bytes(kind: str) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["PNG", "JPEG", "random"]), st.floats(0, 1), st.binary(max_size=64)),
+                min_size=1, max_size=6))
+def test_fuzzed_image_files_are_skipped_and_counted_never_a_crash(tmp_path_factory, files):
+    """Truncated and random-byte image files in a folder: each is decoded or skipped and counted."""
+    import warnings
+
+    from moco.data.sources import load_images
+    from moco.errors import DataError
+
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "good.png").write_bytes(_valid_image_bytes("PNG"))
+    for i, (kind, cut, noise) in enumerate(files):
+        data = noise if kind == "random" else _valid_image_bytes(kind)[: max(1, int(cut * 4000))] + noise
+        (root / f"f{i}.{'jpg' if kind == 'JPEG' else 'png'}").write_bytes(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            images = load_images("folder", "train", root, 16)
+        except DataError as e:  # only when nothing at all could be decoded, which "good.png" rules out
+            pytest.fail(f"unexpected DataError: {e}")
+    skipped = len(files) + 1 - len(images)
+    assert 1 <= len(images) <= len(files) + 1
+    if skipped:
+        assert any(f"skipped {skipped} unreadable" in str(w.message) for w in caught)
+
+
+def test_a_batch_larger_than_the_data_set_is_rejected_before_any_work(tmp_path):
+    cfg = C.apply_overrides(C.preset("smoke"), {"train_subset": 128, "batch_size": 256, "queue_size": 1024,
+                                                  "out_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="train_subset=128 must be >= batch_size=256"):
+        pretrain(cfg)
+    assert not (tmp_path / "checkpoint.pt").exists()
