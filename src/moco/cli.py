@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import config as C
+from . import distributed
 from .errors import MocoError
 from .train.loop import Interrupted
 
@@ -60,7 +61,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(C.to_yaml(cfg), end="")
         return 0
-    pretrain(cfg, resume=resume, baselines=args.baselines)
+    try:
+        pretrain(cfg, resume=resume, baselines=args.baselines)
+    finally:
+        distributed.cleanup()
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from torch import nn
 
+from .. import distributed as dist
+
 from ..config import ModelConfig
 from .backbones import build_backbone, feature_dim
 from .batchnorm import convert_split_bn
@@ -26,7 +28,8 @@ def build_moco(
 ) -> MoCo | EndToEnd | MemoryBank:
     """The contrastive model of cfg.mechanism, with split BN (bn_splits sub-batches) in its encoders,
     as shuffling BN on one process. `num_images` sizes the memory bank."""
-    encoder = convert_split_bn(build_encoder(cfg, in_channels, image_size, backbone), cfg.bn_splits)
+    groups = cfg.bn_splits // dist.world_size()  # bn_splits counts the BN groups of all processes
+    encoder = convert_split_bn(build_encoder(cfg, in_channels, image_size, backbone), groups)
     if cfg.mechanism == "end_to_end":
         return EndToEnd(encoder, T=cfg.temperature, shuffle_bn=cfg.shuffle_bn)
     if cfg.mechanism == "memory_bank":
@@ -39,4 +42,5 @@ def build_moco(
         T=cfg.temperature,
         symmetric=cfg.symmetric,
         shuffle_bn=cfg.shuffle_bn,
+        bn_groups=groups,
     )

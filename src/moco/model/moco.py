@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as dist
 from ..errors import ConfigError
 
 
@@ -32,6 +33,7 @@ class MoCo(nn.Module):
             encoder work; the queue is fed once per step, with the keys of both views).
         shuffle_bn: shuffle the keys' batch before the key encoder and unshuffle after, so that
             split/per-device BN statistics cannot reveal the positive.
+        bn_groups: BN sub-batches per process (the encoders' SplitBatchNorm2d splits; 1 for plain BN).
     """
 
     uses_key_view = True
@@ -45,6 +47,7 @@ class MoCo(nn.Module):
         T: float = 0.07,
         symmetric: bool = False,
         shuffle_bn: bool = True,
+        bn_groups: int = 1,
     ) -> None:
         super().__init__()
         if K < 1:
@@ -56,6 +59,7 @@ class MoCo(nn.Module):
         self.K, self.m, self.T = K, m, T
         self.symmetric = symmetric
         self.shuffle_bn = shuffle_bn
+        self.bn_groups = bn_groups
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
         self.encoder_k.requires_grad_(False)
@@ -78,19 +82,28 @@ class MoCo(nn.Module):
         self.queue.index_copy_(0, idx, keys.to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
 
-    def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random permutation of the batch and the indices that undo it."""
-        perm = torch.randperm(x.shape[0], device=x.device)  # (B,)
-        return x[perm], torch.argsort(perm)
-
     @torch.no_grad()
     def keys(self, x_k: torch.Tensor) -> torch.Tensor:
-        """L2-normalised keys (B, D) of the key encoder, computed on a shuffled batch when shuffle_bn."""
+        """L2-normalised keys (B, D) of the key encoder, computed on a shuffled batch when shuffle_bn.
+
+        Shuffling BN across processes, as in the paper: every process's images are gathered, permuted
+        with one permutation shared by all processes, and each process encodes its slice of the
+        permuted batch, so its BN statistics mix images of every process; the keys are then gathered
+        and unshuffled. BN groups are "virtual devices": `bn_groups` per process (split BN, sub-batch j
+        = samples j, j+G, ...), so one process with G groups computes what G processes with one group
+        each compute.
+        """
         if not self.shuffle_bn:
             return F.normalize(self.encoder_k(x_k).float(), dim=1)
-        x_k, unshuffle = self.shuffle(x_k)
-        k = F.normalize(self.encoder_k(x_k).float(), dim=1)  # (B, D), shuffled order
-        return k[unshuffle]  # (B, D), batch order
+        b, g, r = x_k.shape[0], self.bn_groups, dist.rank()
+        to_groups = torch.arange(b, device=x_k.device).view(b // g, g).T.flatten()  # (B,) group-major order
+        from_groups = torch.argsort(to_groups)  # (B,) back to batch order
+        gathered = dist.all_gather(x_k[to_groups])  # (W*B, C, H, W): (process, group)-major
+        perm = dist.broadcast_(torch.randperm(gathered.shape[0], device=x_k.device))  # (W*B,) one for all
+        mine = perm[r * b : (r + 1) * b]  # (B,) this process's slice of the shuffled batch, group by group
+        k = F.normalize(self.encoder_k(gathered[mine[from_groups]]).float(), dim=1)[to_groups]  # (B, D)
+        k = dist.all_gather(k)[torch.argsort(perm)]  # (W*B, D), gathered order
+        return k[r * b : (r + 1) * b][from_groups]  # (B, D), this process's batch order
 
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """[q . k+, q . queue] / T, shape (B, 1 + K); the positive is column 0."""
@@ -118,9 +131,23 @@ class MoCo(nn.Module):
         else:
             logits = self.logits(q, k)  # (B, 1 + K)
             keys = k
-        self.enqueue(keys)
+        self.enqueue(self.global_batch(keys))
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # (B',)
         return logits, labels
+
+    @torch.no_grad()
+    def global_batch(self, keys: torch.Tensor) -> torch.Tensor:
+        """Every process's keys (V*B, D), V views of B images, in the global batch's order.
+
+        Process r holds global samples r, r+W, r+2W, ... (see the training loop), so the gathered
+        [process 0 | process 1 | ...] rows are interleaved back; every process enqueues the same keys.
+        """
+        w = dist.world_size()
+        if w == 1:
+            return keys
+        views = 2 if self.symmetric else 1
+        gathered = dist.all_gather(keys)  # (W*V*B, D)
+        return gathered.view(w, views, -1, keys.shape[1]).permute(1, 2, 0, 3).reshape(-1, keys.shape[1])
 
     def key_sample(self) -> torch.Tensor:
         """Recent keys (K, D), for the collapse diagnostic."""

@@ -6,7 +6,7 @@ A checkpoint is a dict of tensors and plain Python values saved with `torch.save
     epoch, step         completed epochs and optimizer steps
     model               MoCo state_dict: encoder_q.*, encoder_k.*, queue, queue_ptr
     optimizer           SGD state (momentum buffers)
-    rng                 torch RNG states (CPU, CUDA)
+    rng                 torch RNG states (CPU, CUDA) of every process, in rank order
     metrics             the last epoch's metrics
     data                channels, crop size, normalisation mean/std: what evaluation must feed the encoder
 Loading uses `torch.load(weights_only=True)`, which cannot execute code from the file.

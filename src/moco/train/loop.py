@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .. import distributed as dist
 from ..config import PretrainConfig, to_yaml, validate
 from ..data.augment import EvalTransform, build_augment
 from ..data.sources import ImageSet, has_split, load_images
@@ -116,6 +118,18 @@ class OutOfMemory(MocoError):
         super().__init__(f"out of memory on {device} for a batch of {batch}; {hint}")
 
 
+def check_distributed(cfg: PretrainConfig, world: int) -> None:
+    """What a run on `world` processes needs: a divisible global batch and BN groups, the MoCo mechanism."""
+    if world == 1:
+        return
+    m, d = cfg.model, cfg.data
+    if d.batch_size % world or m.bn_splits % world:
+        raise ConfigError(f"batch_size={d.batch_size} and bn_splits={m.bn_splits} count all {world} processes "
+                          f"together: make both multiples of {world} (e.g. bn_splits={world}: one BN group a process)")
+    if m.mechanism != "moco":
+        raise ConfigError(f"mechanism={m.mechanism} runs on one process; use mechanism=moco with torchrun")
+
+
 class Trainer:
     """A pretraining run: data, model, optimizer and position, and one method per part of the loop.
 
@@ -127,24 +141,31 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, backbone: nn.Module | None = None,
                  echo: Callable[[str], None] = print) -> None:
         validate(cfg)
-        self.cfg, self.echo = cfg, echo
         m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
-        self.device = resolve_device(r.device)
+        ddp_device = dist.setup(r.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        check_distributed(cfg, self.world)
+        self.main = self.rank == 0  # only the main process logs, draws the bar and writes files
+        self.cfg, self.echo = cfg, (echo if self.main else lambda line: None)
+        self.device = ddp_device if self.world > 1 else resolve_device(r.device)
         if r.threads is not None:
             torch.set_num_threads(r.threads)
-        seed_everything(r.seed)
+        seed_everything(r.seed)  # the same initial weights everywhere (DDP also broadcasts them)
         self.out_dir = Path(r.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
-        echo(f"# moco pretrain: config (also in {self.out_dir / 'config.yaml'})\n{to_yaml(cfg)}")
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.echo(f"# moco pretrain: config (also in {self.out_dir / 'config.yaml'})\n{to_yaml(cfg)}")
+        echo = self.echo
 
         self.data = load_data(cfg)
         train = self.data.train
         echo(f"data: {train.name}, {len(train)} images {tuple(train.images.shape[1:])}, crop {self.data.size}px; "
              f"kNN monitor: {'on ' + self.data.test.name if self.data.test is not None else 'off (no labelled test split)'}"
-             f"; device: {self.device}")
+             f"; device: {self.device}"
+             + (f", {self.world} processes, {d.batch_size // self.world} images each a step" if self.world > 1 else ""))
         self.steps_per_epoch = len(train) // d.batch_size  # the last partial batch is dropped (split BN needs full groups)
-        if m.mechanism == "moco":
+        if m.mechanism == "moco" and self.main:
             check_queue_size(m.queue_size, self.steps_per_epoch * d.batch_size * (2 if m.symmetric else 1))
 
         self.model = build_moco(m, train.channels, self.data.size, backbone, num_images=len(train)).to(self.device)
@@ -153,7 +174,13 @@ class Trainer:
         self.augment = build_augment(d.augment, self.data.size, self.data.mean, self.data.std,
                                      d.crop_min_scale).to(self.device)
         self.optimizer = build_optimizer(self.model.encoder_q.parameters(), o, d.batch_size)
-        self.knn = Knn(self.data, cfg, self.device) if self.data.test is not None else None
+        # DDP averages the query encoder's gradients; the queue stays out of its buffer broadcast (every
+        # process enqueues the same gathered keys, so the queues agree without copying them each step).
+        self.forward = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                                else None, broadcast_buffers=False)
+                        if self.world > 1 else self.model)
+        seed_everything(r.seed + self.rank)  # each process draws its own augmentations
+        self.knn = Knn(self.data, cfg, self.device) if self.data.test is not None and self.main else None
         self.watch = LossWatch(*self.model.chance(d.batch_size))
         self.epoch, self.step, self.skipped = 0, 0, 0
         self.best_knn = -math.inf
@@ -170,20 +197,30 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path} does not fit this model/config: {e}") from None
-        set_rng_state(state["rng"])
+        rngs = state["rng"]
+        if len(rngs) == self.world:
+            set_rng_state(rngs[self.rank])
+        else:  # another number of processes: the augmentation stream can't continue, so restart it
+            seed_everything(self.cfg.run.seed + 1_000_003 * int(state["step"]) + self.rank)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best_knn = state.get("best_knn", -math.inf)
         self.echo(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
 
     def save(self, metrics: dict) -> Path:
-        """Write the last checkpoint (atomically), plus the kept ones: every `keep_every` epochs, the best kNN."""
+        """Write the last checkpoint (atomically), plus the kept ones: every `keep_every` epochs, the best kNN.
+
+        Every process takes part (their RNG states are gathered); only the main process writes.
+        """
         d = self.data
+        rngs = dist.gather_objects(rng_state())
+        if not self.main:
+            return self.out_dir / LAST
         at_epoch_end = self.step == self.epoch * self.steps_per_epoch
         is_best = at_epoch_end and "knn_top1" in metrics and metrics["knn_top1"] >= self.best_knn
         if is_best:
             self.best_knn = metrics["knn_top1"]
         state = {"config": asdict(self.cfg), "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "rng": rng_state(), "metrics": metrics,
+                 "optimizer": self.optimizer.state_dict(), "rng": rngs, "metrics": metrics,
                  "best_knn": self.best_knn,
                  "data": {"channels": d.train.channels, "size": d.size, "mean": d.mean, "std": d.std}}
         last = save_checkpoint(state, self.out_dir / LAST)
@@ -228,11 +265,12 @@ class Trainer:
             set_rng_state(rng)
 
     def _train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        idx = idx[self.rank :: self.world]  # this process's share: samples r, r+W, ... of the global batch
         images = self.data.train.images[idx].to(self.device, non_blocking=True)  # (B, C, H, W) uint8
         x_q = self.augment(images).contiguous(memory_format=self.memory_format)  # (B, C, S, S)
         x_k = (self.augment(images).contiguous(memory_format=self.memory_format)
                if self.model.uses_key_view else None)  # (B, C, S, S)
-        logits, labels = self.model(x_q, x_k, idx.to(self.device))  # (B, 1 + K), (B,)
+        logits, labels = self.forward(x_q, x_k, idx.to(self.device))  # (B, 1 + K), (B,)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -263,7 +301,7 @@ class Trainer:
         acc_sum = torch.zeros((), device=self.device)
         seen, tic = 0, time.perf_counter()
         bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{o.epochs}",
-                   disable=not r.progress, dynamic_ncols=True, leave=True)
+                   disable=not (r.progress and self.main), dynamic_ncols=True, leave=True)
         for i in bar:
             lr = lr_at(self.step, self.steps_per_epoch, o, d.batch_size)
             set_lr(self.optimizer, lr)
@@ -273,7 +311,7 @@ class Trainer:
                 loss_sum += out[0]
                 acc_sum += out[1]
                 seen += 1
-                if not self.watch.checked and self.step > self.watch.first_full_step:
+                if self.main and not self.watch.checked and self.step > self.watch.first_full_step:
                     self.watch.step(self.step, out[0].item())
             if seen and (seen % 20 == 0 or i == self.steps_per_epoch - 1):
                 img_s = seen * d.batch_size / (time.perf_counter() - tic)
@@ -281,9 +319,12 @@ class Trainer:
                           "img_s": img_s}
                 bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.1f}%", lr=f"{lr:.4f}",
                                 img_s=f"{img_s:.0f}", refresh=False)
-                self.metrics.log(self.step, "train", values)
+                if self.main:
+                    self.metrics.log(self.step, "train", values)
             if on_step is not None and on_step(self.step, self.model):
                 self.stop_requested = True
+            if self.world > 1 and dist.any_process(self.stop_signal is not None, self.device):
+                self.stop_signal = self.stop_signal or signal.SIGTERM  # all processes stop at the same step
             if (self.stop_requested or self.stop_signal is not None) and i < self.steps_per_epoch - 1:
                 bar.close()
                 self.save({"step": self.step, "stopped": True})
@@ -299,20 +340,22 @@ class Trainer:
         knn_every, last = r.knn_every, self.epoch == o.epochs
         if self.knn is not None and knn_every >= 0 and (last or (knn_every > 0 and self.epoch % knn_every == 0)):
             values.update({f"knn_{k}": v for k, v in self.knn(self.model.encoder_q.backbone).items()})
-        self.metrics.log(self.step, "epoch", values)
+        if self.main:
+            self.metrics.log(self.step, "epoch", values)
         self.echo("epoch {epoch}: loss {loss:.4f}, contrastive acc {acc:.1f}%, key spread {key_spread:.2f}, "
                   "{seconds:.0f} s".format(**values)
                   + (f", kNN top-1 {values['knn_top1']:.2f}%" if "knn_top1" in values else ""))
-        if first == 0 and self.epoch == 1:
-            self.watch.epoch_end(values["loss"])
-        check_collapse(values["key_spread"])
+        if self.main:
+            if first == 0 and self.epoch == 1:
+                self.watch.epoch_end(values["loss"])
+            check_collapse(values["key_spread"])
         self.save(values)
         return values
 
     def fit(self, on_step: Callable[[int, nn.Module], bool | None] | None = None,
             baselines: bool = True) -> PretrainResult:
         """Train to cfg.optim.epochs (or until `on_step` returns True); SIGTERM/SIGINT save and stop."""
-        self.metrics = MetricsLog(self.out_dir, self.cfg.run.tensorboard)
+        self.metrics = MetricsLog(self.out_dir, self.cfg.run.tensorboard) if self.main else None
         values: dict | None = {}
         with stop_on_signals(self):
             try:
@@ -323,7 +366,8 @@ class Trainer:
                     if self.stop_requested:
                         break
             finally:
-                self.metrics.close()
+                if self.main:
+                    self.metrics.close()
         knn = ({"top1": values["knn_top1"], "top5": values["knn_top5"]}
                if values and "knn_top1" in values else None)
         result = PretrainResult(self.out_dir, self.out_dir / LAST, self.epoch, (values or {}).get("loss", math.nan),
