@@ -1,6 +1,7 @@
 """Training end to end: real runs on Fashion-MNIST, resume, folders, the command line."""
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -178,3 +179,23 @@ def test_help_lists_every_option():
     assert r.returncode == 0
     for _, f, _ in C.all_fields():
         assert "--" + f.name.replace("_", "-") in r.stdout
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_train_in_fp32_master_weights(tmp_path, precision):
+    """Autocast paths (used on GPUs) run on the CPU too: the loss is fp32, the weights stay fp32."""
+    cfg = tiny(tmp_path, model=dict(width=4, dim=16, queue_size=128), data=dict(batch_size=32, train_subset=64),
+               optim=dict(epochs=1), run=dict(precision=precision))
+    result = pretrain(cfg, baselines=False, echo=lambda s: None)
+    state = load_checkpoint(result.checkpoint)
+    assert math.isfinite(result.loss) and state["step"] == 2
+    assert state["model"]["encoder_q.backbone.features.0.weight"].dtype == torch.float32
+    assert state["model"]["queue"].dtype == torch.float32
+
+
+def test_compiled_encoders_keep_the_checkpoint_layout(tmp_path):
+    cfg = tiny(tmp_path, model=dict(width=4, dim=16, queue_size=128), data=dict(batch_size=32, train_subset=64),
+               optim=dict(epochs=1), run=dict(compile=True))
+    result = pretrain(cfg, baselines=False, echo=lambda s: None)
+    keys = load_checkpoint(result.checkpoint)["model"].keys()
+    assert "encoder_q.backbone.features.0.weight" in keys and not any("_orig_mod" in k for k in keys)

@@ -82,6 +82,8 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     threads: int | None = opt(None, "torch CPU threads; None: torch's default")
     channels_last: bool = opt(True, "channels-last memory format (faster convolutions)")
+    precision: str = opt("auto", "auto (bf16/fp16 autocast on GPUs and bf16-native CPUs, else fp32) | fp32 | bf16 | fp16")
+    compile: bool = opt(False, "torch.compile the encoders (compile time reported separately)")
     knn_every: int = opt(5, "kNN monitor every N epochs (0: only at the end; -1: never)")
     knn_k: int = opt(200, "kNN neighbours")
     knn_t: float = opt(0.1, "kNN temperature of the vote weights exp(sim/t)")
@@ -289,6 +291,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     need(0 <= o.warmup_epochs < o.epochs, f"warmup_epochs must be in [0, epochs={o.epochs}), got {o.warmup_epochs}")
     need(r.knn_k >= 1 and r.knn_t > 0, f"knn_k must be >= 1 and knn_t > 0, got {r.knn_k}, {r.knn_t}")
     need(r.knn_every >= -1, f"knn_every must be >= -1, got {r.knn_every}")
+    need(r.precision in ("auto", "fp32", "bf16", "fp16"),
+         f"precision={r.precision!r} is unknown; choose auto, fp32, bf16 or fp16")
     need(r.keep_every >= 0, f"keep_every must be >= 0, got {r.keep_every}")
     need(r.nonfinite in ("stop", "skip"), f"nonfinite={r.nonfinite!r} is unknown; choose stop or skip")
     need(r.threads is None or r.threads >= 1, f"threads must be >= 1 or none, got {r.threads}")

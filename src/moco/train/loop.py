@@ -23,7 +23,7 @@ from ..data.sources import ImageSet, has_split, load_images
 from ..errors import CheckpointError, ConfigError, MocoError
 from ..evaluate.knn import knn_accuracy, knn_eval, pixel_features, reinitialised
 from ..model import build_moco
-from ..runtime import resolve_device, rng_state, seed_everything, set_rng_state
+from ..runtime import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
 from .checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from .observe import LossWatch, MetricsLog, check_collapse, check_queue_size, key_spread
 from .optim import build_optimizer, lr_at, set_lr
@@ -180,6 +180,13 @@ class Trainer:
                                                 else None, broadcast_buffers=False)
                         if self.world > 1 else self.model)
         seed_everything(r.seed + self.rank)  # each process draws its own augmentations
+        self.amp_dtype = autocast_dtype(r.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if r.compile:
+            self.model.encoder_q.compile()
+            self.model.encoder_k.compile()
+        echo(f"precision: {'fp32' if self.amp_dtype is None else str(self.amp_dtype).removeprefix('torch.') + ' autocast'}"
+             f"; channels_last: {r.channels_last}; compile: {r.compile}")
         self.knn = Knn(self.data, cfg, self.device) if self.data.test is not None and self.main else None
         self.watch = LossWatch(*self.model.chance(d.batch_size))
         self.epoch, self.step, self.skipped = 0, 0, 0
@@ -270,12 +277,16 @@ class Trainer:
         x_q = self.augment(images).contiguous(memory_format=self.memory_format)  # (B, C, S, S)
         x_k = (self.augment(images).contiguous(memory_format=self.memory_format)
                if self.model.uses_key_view else None)  # (B, C, S, S)
-        logits, labels = self.forward(x_q, x_k, idx.to(self.device))  # (B, 1 + K), (B,)
+        with torch.autocast(self.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits, labels = self.forward(x_q, x_k, idx.to(self.device))  # (B, 1 + K) fp32, (B,)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.model.encoder_q.parameters() if p.grad is not None]
-        finite = torch.isfinite(loss) & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        finite = torch.isfinite(loss)
+        if not self.scaler.is_enabled():  # fp16's scaler skips overflowing steps itself and lowers its scale
+            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
         if not finite.item():  # one host sync per step: a bad update must never reach the weights
             what = "loss" if not torch.isfinite(loss) else "gradient"
             if self.cfg.run.nonfinite == "stop":
@@ -283,7 +294,8 @@ class Trainer:
             self.skipped += 1
             self.echo(f"step {self.step + 1}: non-finite {what}, step skipped ({self.skipped} so far)")
             return None
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return loss.detach(), accuracy
 
