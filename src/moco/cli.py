@@ -71,7 +71,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint of this project, of the official MoCo v1/v2/v3 releases, "
                    "or a torchvision ResNet state_dict")
-    p.add_argument("--dataset", choices=C.DATASETS, help="default: the data set the checkpoint was trained on")
+    p.add_argument("--dataset", choices=C.IMAGE_DATASETS, help="default: the data set the checkpoint was trained on")
     p.add_argument("--data-root", help="folder of the data set (default: the checkpoint's)")
     p.add_argument("--image-size", type=int, help="default: the size the encoder was trained at")
     p.add_argument("--arch", help="architecture of a checkpoint that does not name it (resnet18/34/50)")
@@ -157,7 +157,7 @@ def cmd_lincls(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from .evaluate.embed import embed
 
-    dataset = "folder" if args.data not in C.DATASETS else args.data
+    dataset = "folder" if args.data not in C.IMAGE_DATASETS else args.data
     root = args.data if dataset == "folder" else args.data_root
     embed(args.checkpoint, dataset, root, args.split, args.out, args.arch, args.batch_size, args.device,
           args.normalize)
@@ -169,6 +169,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = report(args.run_dir, args.out, args.tsne_points, args.queries, args.neighbours)
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from .data.shards import write_shards
+
+    index = write_shards(args.folder, args.out, args.image_size, args.shard_size, args.seed)
+    print(f"pretrain from them with: moco pretrain --dataset shards --data-root {index}")
     return 0
 
 
@@ -255,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(and FILE.labels.npy) beside it; .safetensors keeps the file list in its metadata.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint")
-    p.add_argument("data", help=f"an image folder, or one of {', '.join(C.DATASETS[:-1])}")
+    p.add_argument("data", help=f"an image folder, or one of {', '.join(C.IMAGE_DATASETS[:-1])}")
     p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
     p.add_argument("--split", default="train", help="train | test (data sets and train/test folders)")
     p.add_argument("--data-root", help="folder of a named data set")
@@ -275,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=8)
     p.add_argument("--neighbours", type=int, default=8)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("shard", help="pack an image folder into WebDataset tar shards",
+                       description="Decode the images of FOLDER once (shorter side to --image-size, centre crop, as "
+                       "the in-memory folder loader does), shuffle them and write OUT/shard-NNNNNN.tar files of "
+                       "PNGs (+ class labels) and OUT/shards.json; pretrain with --dataset shards --data-root "
+                       "OUT/shards.json. The index may list URLs instead of files.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", help="an image folder (class sub-folders or flat)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=2000, help="images per shard")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before packing")
+    p.set_defaults(func=cmd_shard)
 
     from .experiments.ablate import STUDIES
 

@@ -14,8 +14,10 @@ from typing import Any
 import yaml
 
 from .data.augment import AUGMENT_PRESETS as AUGMENTS
-from .data.sources import DATASETS
+from .data.sources import DATASETS as IMAGE_DATASETS
 from .errors import ConfigError
+
+DATASETS = (*IMAGE_DATASETS, "shards")
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -49,14 +51,15 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are augmented."""
 
-    dataset: str = opt("fashion-mnist", "fashion-mnist | digits | cifar10 | cifar100 | folder")
-    data_root: str | None = opt(None, "folder of the data set (required for folder)")
+    dataset: str = opt("fashion-mnist", "fashion-mnist | digits | cifar10 | cifar100 | folder | shards")
+    data_root: str | None = opt(None, "folder of the data set (required for folder; shards: the shards.json)")
     image_size: int | None = opt(None, "crop size; None: the images' own size (64 for folders)")
     augment: str = opt("v2", "v1 | v2 (aug+) | crop | none")
     crop_min_scale: float = opt(0.2, "smallest area of a random resized crop, as a fraction of the image")
     batch_size: int = opt(256, "images per step (the global batch)")
     train_subset: int | None = opt(None, "use only the first N training images")
     strict: bool = opt(False, "folders: fail on the first unreadable image instead of skipping it")
+    workers: int = opt(2, "shards: DataLoader worker processes decoding each process's shards")
 
 
 @dataclass
@@ -282,7 +285,10 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     need(d.image_size is None or d.image_size >= 8, f"image_size must be >= 8 or none, got {d.image_size}")
     need(d.train_subset is None or d.train_subset >= d.batch_size,
          f"train_subset={d.train_subset} must be >= batch_size={d.batch_size}")
-    need(d.dataset != "folder" or d.data_root is not None, "dataset=folder needs data_root=PATH to the image folder")
+    need(d.dataset not in ("folder", "shards") or d.data_root is not None,
+         f"dataset={d.dataset} needs data_root=PATH (the image folder, or the shards' shards.json)")
+    need(d.dataset != "shards" or m.mechanism != "memory_bank", "the memory bank needs in-memory data, not shards")
+    need(d.workers >= 0, f"workers must be >= 0, got {d.workers}")
     need(o.epochs >= 1, f"epochs must be >= 1, got {o.epochs}")
     need(o.lr > 0, f"lr must be > 0, got {o.lr}")
     need(o.lr_batch_size >= 1, f"lr_batch_size must be >= 1, got {o.lr_batch_size}")

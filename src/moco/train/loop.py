@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .. import distributed as dist
 from ..config import PretrainConfig, to_yaml, validate
 from ..data.augment import EvalTransform, build_augment
+from ..data.shards import ShardStream
 from ..data.sources import ImageSet, has_split, load_images
 from ..errors import CheckpointError, ConfigError, MocoError
 from ..evaluate.knn import knn_accuracy, knn_eval, pixel_features, reinitialised
@@ -43,7 +44,7 @@ class PretrainResult:
 class Data:
     """The training images and, when labels exist, the labelled splits of the kNN monitor."""
 
-    train: ImageSet
+    train: ImageSet | ShardStream
     test: ImageSet | None
     size: int  # crop size fed to the encoder
     mean: list[float]
@@ -52,6 +53,12 @@ class Data:
 
 def load_data(cfg: PretrainConfig) -> Data:
     d = cfg.data
+    if d.dataset == "shards":
+        train = ShardStream.open(d.data_root, d.workers)
+        if d.train_subset is not None:
+            train = replace(train, count=min(train.count, d.train_subset))
+        mean, std = train.mean_std()
+        return Data(train, None, d.image_size or train.image_size, mean, std)
     train = load_images(d.dataset, "train", d.data_root, d.image_size, strict=d.strict)
     if d.train_subset is not None:
         train = ImageSet(train.images[: d.train_subset], None if train.labels is None else train.labels[: d.train_subset],
@@ -160,7 +167,8 @@ class Trainer:
 
         self.data = load_data(cfg)
         train = self.data.train
-        echo(f"data: {train.name}, {len(train)} images {tuple(train.images.shape[1:])}, crop {self.data.size}px; "
+        echo(f"data: {train.name}, {len(train)} images {train.channels}x{train.image_size}x{train.image_size}, "
+             f"crop {self.data.size}px; "
              f"kNN monitor: {'on ' + self.data.test.name if self.data.test is not None else 'off (no labelled test split)'}"
              f"; device: {self.device}"
              + (f", {self.world} processes, {d.batch_size // self.world} images each a step" if self.world > 1 else ""))
@@ -240,10 +248,11 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One SGD step on the images `idx`; (loss, pretext accuracy), or None for a skipped non-finite step."""
+    def train_step(self, images: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One SGD step on this process's uint8 `images` (data-set indices `idx`, None when streamed);
+        (loss, pretext accuracy), or None for a skipped non-finite step."""
         try:
-            return self._train_step(idx)
+            return self._train_step(images, idx)
         except RuntimeError as e:  # torch.OutOfMemoryError on accelerators, a RuntimeError on the CPU
             if not is_out_of_memory(e):
                 raise
@@ -258,8 +267,11 @@ class Trainer:
         try:
             while batch >= self.cfg.model.bn_splits:
                 try:
-                    self._train_step(torch.arange(batch - batch % self.cfg.model.bn_splits))
-                    return batch - batch % self.cfg.model.bn_splits
+                    batch -= batch % self.cfg.model.bn_splits
+                    d = self.data
+                    self._train_step(torch.zeros(batch // self.world, d.train.channels, d.train.image_size,
+                                                 d.train.image_size, dtype=torch.uint8), torch.arange(batch))
+                    return batch
                 except RuntimeError as e:
                     if not is_out_of_memory(e):
                         raise
@@ -271,14 +283,13 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
             set_rng_state(rng)
 
-    def _train_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        idx = idx[self.rank :: self.world]  # this process's share: samples r, r+W, ... of the global batch
-        images = self.data.train.images[idx].to(self.device, non_blocking=True)  # (B, C, H, W) uint8
+    def _train_step(self, images: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        images = images.to(self.device, non_blocking=True)  # (B, C, H, W) uint8
         x_q = self.augment(images).contiguous(memory_format=self.memory_format)  # (B, C, S, S)
         x_k = (self.augment(images).contiguous(memory_format=self.memory_format)
                if self.model.uses_key_view else None)  # (B, C, S, S)
         with torch.autocast(self.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            logits, labels = self.forward(x_q, x_k, idx.to(self.device))  # (B, 1 + K) fp32, (B,)
+            logits, labels = self.forward(x_q, x_k, None if idx is None else idx.to(self.device))  # (B, 1 + K), (B,)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -301,14 +312,35 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
 
+    def epoch_batches(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(uint8 images, their indices) of this process for the steps `first`.. of the current epoch.
+
+        In memory, the order depends only on (seed, epoch), so a resumed run sees the same batches;
+        process r takes samples r, r+W, ... of each global batch. Streamed shards are reshuffled each
+        epoch; a run resumed mid-epoch skips the batches already seen.
+        """
+        d, seed = self.cfg.data, self.cfg.run.seed
+        train = self.data.train
+        if isinstance(train, ShardStream):
+            stream = train.batches(self.epoch, d.batch_size // self.world, seed)
+            for _ in range(self.steps_per_epoch):
+                images = next(stream)
+                if first > 0:
+                    first -= 1
+                    continue
+                yield images, None
+            return
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + self.epoch))
+        for i in range(first, self.steps_per_epoch):
+            idx = order[i * d.batch_size : (i + 1) * d.batch_size][self.rank :: self.world]
+            yield train.images[idx], idx
+
     def run_epoch(self, on_step: Callable[[int, nn.Module], bool | None] | None) -> dict | None:
         """Train the rest of epoch `self.epoch`; its metrics, or None when stopped before its end."""
         cfg, d, o, r = self.cfg, self.cfg.data, self.cfg.optim, self.cfg.run
         self.model.train()
-        # The data order depends only on (seed, epoch): a resumed run sees the same batches.
-        order = torch.randperm(len(self.data.train),
-                               generator=torch.Generator().manual_seed(r.seed * 100_003 + self.epoch))
         first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
+        batches = self.epoch_batches(first)
         loss_sum = torch.zeros((), device=self.device)
         acc_sum = torch.zeros((), device=self.device)
         seen, tic = 0, time.perf_counter()
@@ -317,7 +349,7 @@ class Trainer:
         for i in bar:
             lr = lr_at(self.step, self.steps_per_epoch, o, d.batch_size)
             set_lr(self.optimizer, lr)
-            out = self.train_step(order[i * d.batch_size : (i + 1) * d.batch_size])
+            out = self.train_step(*next(batches))
             self.step += 1
             if out is not None:
                 loss_sum += out[0]
