@@ -98,6 +98,17 @@ def eval_data(args: argparse.Namespace, encoder) -> tuple:
     return train, test
 
 
+def cmd_supervised(args: argparse.Namespace) -> int:
+    from .train.supervised import supervised
+
+    cfg, _ = resolve_pretrain_config(args)
+    if args.print_config:
+        print(C.to_yaml(cfg), end="")
+        return 0
+    supervised(cfg)
+    return 0
+
+
 def cmd_knn(args: argparse.Namespace) -> int:
     from .data.augment import EvalTransform
     from .evaluate.knn import knn_accuracy, knn_eval, pixel_features, reinitialised
@@ -223,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     add_config_flags(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "supervised",
+        help="supervised pre-training of the same backbone on the same data and budget (the transfer baseline)",
+        description="Train backbone + linear classifier with cross-entropy on the labels, with the same config "
+        "(preset, YAML, flags) as `moco pretrain`; the MoCo-only fields are ignored. Writes OUT_DIR/supervised.pt, "
+        "which knn, lincls, export and finetune read like a MoCo checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", choices=list(C.PRESETS), default=None, help="as for pretrain")
+    p.add_argument("--config", metavar="FILE", help="YAML file with sections model, data, optim, run")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.set_defaults(resume=None)
+    add_config_flags(p)
+    p.set_defaults(func=cmd_supervised)
 
     p = sub.add_parser("knn", help="weighted kNN accuracy of a checkpoint's frozen features",
                        description="Weighted kNN classification on frozen backbone features: the training split "

@@ -4,6 +4,7 @@ Layouts:
     moco-pretrain   this project's checkpoints (`format: moco-pretrain`): the query encoder's backbone
     moco-v1/v2      the official releases: state_dict `module.encoder_q.<torchvision resnet keys>`, `arch`
     moco-v3         the official v3 ResNet releases: state_dict `module.base_encoder.<resnet keys>`
+    supervised      `moco supervised` checkpoints (the transfer baseline)
     torchvision     a plain torchvision ResNet state_dict (e.g. `moco export`), `arch` given by the caller
 In every layout the projection head (`fc.*`) is dropped: evaluation and transfer use the backbone.
 """
@@ -19,7 +20,7 @@ from torch import nn
 from ..config import PretrainConfig, from_dict
 from ..errors import CheckpointError
 from ..model.backbones import build_backbone, resnet
-from ..train.checkpoint import FORMAT, load_checkpoint
+from ..train.checkpoint import FORMAT, SUPERVISED, load_checkpoint
 
 # Torchvision/ImageNet normalisation: what the official releases were trained with.
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -99,6 +100,14 @@ def load_encoder(path: str | Path, arch: str | None = None) -> LoadedEncoder:
         backbone = build_backbone(cfg.model.arch, data["channels"], cfg.model.width, cfg.model.small_stem)
         _load_strict(backbone, weights, path, "moco-pretrain")
         return LoadedEncoder(backbone.eval(), "moco-pretrain", cfg.model.arch, data["channels"], data["size"],
+                             data["mean"], data["std"], cfg)
+    if state.get("format") == SUPERVISED:
+        state = load_checkpoint(path, kind=SUPERVISED)
+        cfg, data = from_dict(state["config"]), state["data"]
+        weights = {k[2:]: v for k, v in state["model"].items() if k.startswith("0.")}  # Sequential(backbone, fc)
+        backbone = build_backbone(cfg.model.arch, data["channels"], cfg.model.width, cfg.model.small_stem)
+        _load_strict(backbone, weights, path, "supervised")
+        return LoadedEncoder(backbone.eval(), "supervised", cfg.model.arch, data["channels"], data["size"],
                              data["mean"], data["std"], cfg)
     if state.get("format") is not None:
         raise CheckpointError(f"{path} is a {state['format']!r} file, not a pretrained encoder")

@@ -25,12 +25,13 @@ import torch
 from ..errors import CheckpointError
 
 FORMAT = "moco-pretrain"
+SUPERVISED = "moco-supervised"  # `moco supervised` checkpoints: the same layout, a backbone + fc model
 VERSION = 1
 LAST = "checkpoint.pt"
 BEST = "checkpoint_best.pt"
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+def save_checkpoint(state: dict[str, Any], path: str | Path, kind: str = FORMAT) -> Path:
     """Write `state` to `path` atomically: a temporary file in the same folder, fsynced, then renamed.
 
     A crash at any moment leaves either the previous file or the new one, never a partial one.
@@ -40,7 +41,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            torch.save({"format": kind, "version": VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,7 +61,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", kind: str = FORMAT) -> dict[str, Any]:
     """A checkpoint written by `save_checkpoint`; CheckpointError if it is missing, corrupt or of another kind."""
     path = Path(path)
     if not path.is_file():
@@ -73,10 +74,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        kind = state.get("format", "unknown") if isinstance(state, dict) else type(state).__name__
+    if not isinstance(state, dict) or state.get("format") != kind:
+        found = state.get("format", "unknown") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
-            f"{path} is not a momentum-contrast pretraining checkpoint (format: {kind}); "
+            f"{path} is not a momentum-contrast {kind} checkpoint (format: {found}); "
             "to evaluate weights from elsewhere use the evaluation commands"
         )
     if state.get("version") != VERSION:
