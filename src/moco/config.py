@@ -44,7 +44,8 @@ class ModelConfig:
     temperature: float = opt(0.2, "T, softmax temperature")
     symmetric: bool = opt(False, "both views as queries")
     shuffle_bn: bool = opt(True, "shuffle keys before the key encoder (with split BN on one process)")
-    bn_splits: int = opt(8, "BN sub-batches on one process (1 = plain BN)")
+    bn_splits: int = opt(8, "BN groups of the global batch: split BN on one process, divided among processes under torchrun (1 = plain BN)")
+    sync_bn: bool = opt(False, "torchrun on GPUs: synchronised BN in the query encoder (keys keep per-group BN)")
 
 
 @dataclass

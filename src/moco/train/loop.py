@@ -135,6 +135,8 @@ def check_distributed(cfg: PretrainConfig, world: int) -> None:
                           f"together: make both multiples of {world} (e.g. bn_splits={world}: one BN group a process)")
     if m.mechanism != "moco":
         raise ConfigError(f"mechanism={m.mechanism} runs on one process; use mechanism=moco with torchrun")
+    if m.sync_bn and not torch.cuda.is_available():
+        raise ConfigError("sync_bn needs GPUs (NCCL); on CPUs use split BN (bn_splits)")
 
 
 class Trainer:
@@ -182,6 +184,8 @@ class Trainer:
         self.augment = build_augment(d.augment, self.data.size, self.data.mean, self.data.std,
                                      d.crop_min_scale).to(self.device)
         self.optimizer = build_optimizer(self.model.encoder_q.parameters(), o, d.batch_size)
+        if m.sync_bn and self.world > 1:  # the query's BN over the global batch; the key encoder keeps its groups
+            self.model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.encoder_q)
         # DDP averages the query encoder's gradients; the queue stays out of its buffer broadcast (every
         # process enqueues the same gathered keys, so the queues agree without copying them each step).
         self.forward = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
