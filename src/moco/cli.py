@@ -323,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before packing")
     p.set_defaults(func=cmd_shard)
 
+    from .transfer.export import add_export_parser
+
+    add_export_parser(sub)
+
     from .experiments.ablate import STUDIES
 
     p = sub.add_parser("ablate", help="the paper's ablations in miniature on Fashion-MNIST",

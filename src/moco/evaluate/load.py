@@ -88,6 +88,10 @@ def _small_stem(weights: dict[str, torch.Tensor]) -> bool:
 def load_encoder(path: str | Path, arch: str | None = None) -> LoadedEncoder:
     """The pretrained backbone stored in `path`, whatever its layout, in eval mode on the CPU."""
     path = Path(path)
+    if path.suffix == ".safetensors":  # `moco export --format safetensors`
+        from ..transfer.export import read_safetensors
+
+        return read_safetensors(path)
     state = _read(path)
     if state.get("format") == FORMAT:
         state = load_checkpoint(path)  # validates the version

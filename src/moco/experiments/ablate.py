@@ -94,7 +94,7 @@ def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = ST
             "progress": False}
     for i, run in enumerate(plan(studies)):
         cfg = C.apply_overrides(C.preset("cpu"), {**base, **run.overrides, "out_dir": str(out / "runs" / slug(run))})
-        key = json.dumps(C.asdict(cfg), sort_keys=True)
+        key = json.dumps({**base, **run.overrides}, sort_keys=True)  # what differs from the CPU preset
         curve_path = out / "curves" / f"{slug(run)}.jsonl"
         if rows.get((run.study, run.name), {}).get("config") == key:
             echo(f"[{i + 1}] {run.study}: {run.name}: done before, kept")
@@ -110,11 +110,12 @@ def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = ST
             "knn_top5": round(result.knn["top5"], 2), "final_loss": round(result.loss, 4),
             "final_pretext_acc": round(next(r["acc"] for r in reversed(curve) if r["tag"] == "epoch"), 2),
             "max_pretext_acc": round(max(r["acc"] for r in curve if r["tag"] == "train"), 2),
-            "minutes": round((time.perf_counter() - tic) / 60, 2), "config": key,
+            "minutes": round((time.perf_counter() - tic) / 60, 2), "commit": commit(), "config": key,
         }
         echo(f"    kNN top-1 {result.knn['top1']:.2f}%, loss {result.loss:.3f}")
         write_rows(csv_path, list(rows.values()))  # after every run: an interrupted ablation keeps its results
-    header = {"commit": commit(), "machine": machine(), "command": " ".join(["moco", *sys.argv[1:]]) or "moco ablate",
+    header = {"commit of each run": ", ".join(sorted({r.get("commit") or "unknown" for r in rows.values()})),
+              "table written at commit": commit(), "machine": machine(), "command": " ".join(["moco", *sys.argv[1:]]) or "moco ablate",
               "budget": f"{epochs} epochs on the first {train_subset} Fashion-MNIST training images, CPU preset"}
     write_markdown(out / "results.md", list(rows.values()), header)
     plot(out, list(rows.values()))
