@@ -160,11 +160,11 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
     save_checkpoint({"step": 1}, tmp_path / "checkpoint.pt")
 
     def full(obj, f, *a, **k):
-        f.write(b"x" * 100)
+        open(f, "wb").write(b"x" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match="the disk is full.*previous checkpoint there is intact"):
+    with pytest.raises(CheckpointError, match="the disk is full.*previous checkpoint.pt is intact"):
         save_checkpoint({"step": 2}, tmp_path / "checkpoint.pt")
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
@@ -173,10 +173,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
 def test_out_of_memory_names_the_largest_batch_that_fits(tmp_path, monkeypatch):
     real = loop.Trainer._train_step
 
-    def limited(self, idx):
-        if len(idx) > 16:
+    def limited(self, images, idx):
+        if len(images) > 16:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
-        return real(self, idx)
+        return real(self, images, idx)
 
     monkeypatch.setattr(loop.Trainer, "_train_step", limited)
     with pytest.raises(OutOfMemory, match="batch of 64; the largest batch that fits is about 16"):

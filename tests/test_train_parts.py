@@ -74,7 +74,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     save_checkpoint({"epoch": 1}, path)
 
     def broken_save(obj, f, *a, **k):
-        f.write(b"partial")
+        open(f, "wb").write(b"partial")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)

@@ -17,6 +17,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +32,30 @@ LAST = "checkpoint.pt"
 BEST = "checkpoint_best.pt"
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path, kind: str = FORMAT) -> Path:
-    """Write `state` to `path` atomically: a temporary file in the same folder, fsynced, then renamed.
+def atomic_write(path: str | Path, write: Callable[[Path], object], check: Callable[[Path], None] | None = None) -> Path:
+    """Write `path` through `write(tmp)` to a temporary file in the same folder, fsynced, optionally
+    `check`ed, then renamed into place (and the folder fsynced).
 
-    A crash at any moment leaves either the previous file or the new one, never a partial one.
+    A crash at any moment leaves either the previous file or the new one, never a partial one; a failed
+    write or check leaves the previous file and no temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": kind, "version": VERSION, **state}, f)
-            f.flush()
+        write(tmp)
+        with tmp.open("rb") as f:
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(
-                f"the disk is full: could not write {path} ({e.strerror}); the previous checkpoint there is intact. "
+                f"the disk is full: could not write {path} ({e.strerror}); the previous {path.name} is intact. "
                 "Free some space (or point --out-dir elsewhere) and continue with --resume auto"
             ) from None
         raise
@@ -59,6 +65,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, kind: str = FORMAT)
     finally:
         os.close(dir_fd)
     return path
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, kind: str = FORMAT) -> Path:
+    """Write `state` to `path` atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda tmp: torch.save({"format": kind, "version": VERSION, **state}, tmp))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", kind: str = FORMAT) -> dict[str, Any]:

@@ -14,12 +14,9 @@ raises ExportCheckError and leaves the output path as it was.
 """
 
 import argparse
-import errno
 import json
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +32,7 @@ from ..config import from_dict
 from ..errors import CheckpointError, ConfigError, MocoError
 from ..evaluate.load import LoadedEncoder, load_encoder
 from ..model.backbones import build_backbone
+from ..train.checkpoint import atomic_write
 
 FORMATS = ("torchvision", "timm", "detectron2", "safetensors")
 SAFETENSORS_FORMAT, FORMAT_VERSION = "moco-encoder", 1
@@ -378,33 +376,11 @@ def read_safetensors(path: str | Path) -> LoadedEncoder:
 
 
 def _write_checked(path: Path, write: Callable[[Path], object], check: Callable[[Path], None]) -> None:
-    """Write `path` through a temporary file in its folder that must pass `check` before it is renamed into place.
-
-    As `save_checkpoint`: fsynced before the rename, so a crash leaves the old file or the new one, never
-    a partial one; a failed check or write leaves `path` as it was and no temporary file behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    """Write `path` atomically (`atomic_write`), renaming it into place only once it passes `check`."""
     try:
-        write(tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        check(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, ExportCheckError):
-            raise ExportCheckError(f"the export failed its check, so {path} was not written: {e}") from None
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(f"the disk is full: could not write {path} ({e.strerror})") from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        atomic_write(path, write, check)
+    except ExportCheckError as e:
+        raise ExportCheckError(f"the export failed its check, so {path} was not written: {e}") from None
 
 
 # --- command line -----------------------------------------------------------------------------------
