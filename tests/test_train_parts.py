@@ -40,7 +40,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     state = load_checkpoint(path)
     assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.arange(4.0)) and state["config"] == {"a": [1, 2]}
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a momentum-contrast pretraining checkpoint"):
+    with pytest.raises(CheckpointError, match="not a momentum-contrast moco-pretrain checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
     (tmp_path / "bad.pt").write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
