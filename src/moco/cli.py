@@ -336,9 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle before packing")
     p.set_defaults(func=cmd_shard)
 
+    from .transfer.detection import add_finetune_parser
     from .transfer.export import add_export_parser
 
     add_export_parser(sub)
+    add_finetune_parser(sub)
 
     p = sub.add_parser("transfer", help="the paper's transfer study in miniature: MoCo vs supervised vs random",
                        description="Fine-tune MoCo, supervised and random initialisations of the same backbone with "

@@ -1,0 +1,164 @@
+"""`moco bench`: the reference is faithful, FLOPs are counted sensibly, results files drive the table."""
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from moco import config as C
+from moco.cli import main
+from moco.experiments import bench as B
+from moco.experiments.reference import ReferenceMoCo, reference_model
+from moco.model import build_moco
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+BATCH, QUEUE = 16, 64  # the queue wraps around after 4 steps
+
+
+def small_config(shuffle_bn: bool, bn_splits: int = 4) -> C.PretrainConfig:
+    return C.apply_overrides(C.preset("smoke"), {"width": 4, "dim": 16, "queue_size": QUEUE, "batch_size": BATCH,
+                                                  "bn_splits": bn_splits, "shuffle_bn": shuffle_bn})
+
+
+@pytest.mark.parametrize(("shuffle_bn", "bn_splits"), [(False, 4), (True, 1)])
+def test_reference_matches_library_over_steps(shuffle_bn, bn_splits):
+    """Same weights, queue and inputs: the same logits, key encoder and queue after every step.
+
+    The two draw different key permutations, so each case makes the keys independent of the order:
+    split BN without the shuffle (the same split BN arithmetic on both sides), or the shuffle with
+    whole-batch BN (the unshuffle must put every key back in front of its query).
+    """
+    cfg = small_config(shuffle_bn, bn_splits)
+    ours = build_moco(cfg.model, 1, 28)
+    ref = ReferenceMoCo(copy.deepcopy(ours.encoder_q), cfg.model.dim, QUEUE, cfg.model.key_momentum,
+                        cfg.model.temperature, shuffle_bn)
+    with torch.no_grad():
+        ref.queue.copy_(ours.queue.T)  # (dim, K) <- (K, dim)
+    opt_ours = torch.optim.SGD(ours.encoder_q.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
+    for step in range(6):
+        x_q, x_k = torch.randn(2, BATCH, 1, 28, 28)  # (B, 1, 28, 28) each
+        logits, labels = ours(x_q, x_k)  # (B, 1 + K), (B,)
+        ref_logits, ref_labels = ref(x_q, x_k)  # (B, 1 + K), (B,)
+        torch.testing.assert_close(ref_logits, logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(ref_labels, labels)
+        for model, opt, out in ((ours, opt_ours, logits), (ref, opt_ref, ref_logits)):
+            opt.zero_grad()
+            F.cross_entropy(out, labels).backward()
+            opt.step()
+        torch.testing.assert_close(ref.queue.T, ours.queue, rtol=1e-5, atol=1e-5)
+        assert int(ref.queue_ptr) == int(ours.queue_ptr) == (step + 1) * BATCH % QUEUE
+        for p_ref, p_ours in zip(ref.encoder_k.parameters(), ours.encoder_k.parameters(), strict=True):
+            torch.testing.assert_close(p_ref, p_ours, rtol=1e-5, atol=1e-5)
+        for p_ref, p_ours in zip(ref.encoder_q.parameters(), ours.encoder_q.parameters(), strict=True):
+            torch.testing.assert_close(p_ref, p_ours, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_needs_batch_dividing_queue():
+    cfg = C.apply_overrides(small_config(True), {"queue_size": 72})
+    with pytest.raises(C.ConfigError, match="multiple of batch_size"):
+        reference_model(cfg, 1, 28)
+    ref = ReferenceMoCo(build_moco(cfg.model, 1, 28).encoder_q, 16, K=72, shuffle_bn=False)
+    with pytest.raises(AssertionError, match="multiple of the batch"):
+        ref(*torch.randn(2, BATCH, 1, 28, 28))
+
+
+def test_flops_plausible_equal_and_linear_in_batch():
+    cfg = small_config(True)
+    ours = build_moco(cfg.model, 1, 28)
+    per_image = {b: B.flops_per_image(ours, b, 1, 28, torch.device("cpu")) for b in (8, 16)}
+    assert per_image[8] > 0 and per_image[8] == pytest.approx(per_image[16], rel=1e-9)
+    # One step is a query forward (F), its backward (< 2F: no input gradient at the first layer), a key
+    # forward (F), and q . queue forward and backward (2 x 2 * dim * K per image).
+    with FlopCounterMode(display=False) as counter:
+        ours.encoder_q(torch.randn(8, 1, 28, 28))
+    forward = counter.get_total_flops() / 8
+    logits = 4 * cfg.model.dim * QUEUE
+    assert 3 * forward + logits < per_image[8] <= 4 * forward + logits + 4 * cfg.model.dim
+    # The model state is untouched: counting works on a copy.
+    assert int(ours.queue_ptr) == 0
+    reference = B.flops_per_image(reference_model(cfg, 1, 28), 8, 1, 28, torch.device("cpu"))
+    assert reference == pytest.approx(per_image[8], rel=1e-3)  # the same architecture and head
+
+
+def test_deadline_excludes_evaluation_from_budget(monkeypatch):
+    """Evaluations land on the first step past each mark; their time does not count as training."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+
+    def evaluate(model) -> float:
+        now[0] += 100.0
+        return 50.0
+
+    hook = B.Deadline(evaluate, budget=10.0, every=3.0, device=torch.device("cpu"))
+    stopped_at = None
+    for step in range(1, 30):
+        now[0] += 1.0  # one second of training per step
+        if hook(step, None):
+            stopped_at = step
+            break
+    assert stopped_at == 10
+    assert [p["step"] for p in hook.points] == [3, 6, 9, 10]
+    assert [p["minutes"] for p in hook.points] == [0.05, 0.1, 0.15, round(10 / 60, 3)]
+    assert hook.eval_seconds == 400.0
+    hook.finish()  # the last step was evaluated already
+    assert len(hook.points) == 4
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> Path:
+    """One tiny throughput run through the command line, into a fresh results folder."""
+    if not FMNIST.is_dir():
+        pytest.skip(f"{FMNIST} absent (apt-get install dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("bench") / "benchmarks"
+    code = main(["bench", "--preset", "smoke", "--train-subset", "2048", "--warmup", "1", "--steps", "2",
+                 "--windows", "2", "--workers", "1", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_cli_throughput_run_writes_results_and_table(cli_run):
+    (path,) = cli_run.glob("throughput-*.json")
+    (entry,) = json.loads(path.read_text())["entries"]
+    r = entry["result"]
+    assert len(r["ours"]["windows"]) == len(r["reference"]["windows"]) == 2
+    assert r["ours"]["img_s"] > 0 and r["reference"]["img_s"] > 0
+    assert r["speedup"] == pytest.approx(r["ours"]["img_s"] / r["reference"]["img_s"], rel=1e-2)
+    assert r["ours"]["flops_per_image"] > 0 and 0 < r["fraction_of_peak"] < 1
+    assert r["ours"]["peak_rss_mib"] > 0
+    assert entry["machine"]["threads"] == 1 and entry["machine"]["slug"] in path.name
+    assert entry["command"].startswith("moco bench --mode throughput --preset smoke")
+    table = B.table_path(cli_run).read_text()
+    assert f"{r['ours']['img_s']:.0f}" in table and entry["commit"] in table
+
+
+def test_results_replace_append_and_table_is_built_from_files(cli_run, tmp_path):
+    out = tmp_path / "benchmarks"
+    shutil.copytree(cli_run, out)
+    (path,) = out.glob("throughput-*.json")
+    (entry,) = B.read_results(path)
+
+    same = copy.deepcopy(entry)
+    same["result"]["ours"]["img_s"] = 4321.0
+    assert B.save_result(out, same) == path
+    assert [e["result"]["ours"]["img_s"] for e in B.read_results(path)] == [4321.0]  # same setup: replaced
+
+    other = copy.deepcopy(entry)
+    other["setup"]["batch_size"] = 32
+    other["result"]["ours"]["img_s"] = 8765.0
+    B.save_result(out, other)
+    assert [e["result"]["ours"]["img_s"] for e in B.read_results(path)] == [4321.0, 8765.0]  # new setup: appended
+
+    # Editing a results file and regenerating changes the table: it holds what the files hold.
+    data = json.loads(path.read_text())
+    data["entries"][0]["result"]["ours"]["img_s"] = 1357.0
+    path.write_text(json.dumps(data))
+    table = B.write_table(out).read_text()
+    assert table.count("| smoke, 64 |") == 2
+    assert "| 1357 |" in table and "| 8765 |" in table and "| 4321 |" not in table
