@@ -192,14 +192,24 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .experiments.transfer_study import transfer_study
     from .transfer.detection import DetectionConfig
     from .transfer.segmentation import SegmentationConfig
 
-    schedule = {k: v for k, v in (("iterations", args.iterations), ("batch_size", args.batch_size),
-                                  ("threads", args.threads)) if v is not None}
+    def configs(cls):
+        """The task's default config, its schedule (warm-up, lr steps) stretched to --iterations."""
+        cfg = cls()
+        changes = {k: v for k, v in (("batch_size", args.batch_size), ("threads", args.threads)) if v is not None}
+        if args.iterations is not None:
+            scale = args.iterations / cfg.iterations
+            changes |= {"iterations": args.iterations, "warmup_iters": int(cfg.warmup_iters * scale),
+                        "lr_steps": [max(1, int(step * scale)) for step in cfg.lr_steps]}
+        return replace(cfg, **changes)
+
     path = transfer_study(args.out, args.moco, args.supervised, args.runs, args.scenes_train, args.scenes_test,
-                          args.scene_size, DetectionConfig(**schedule), SegmentationConfig(**schedule))
+                          args.scene_size, configs(DetectionConfig), configs(SegmentationConfig))
     print(f"wrote {path} (table), results.csv and plots next to it")
     return 0
 
