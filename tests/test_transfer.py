@@ -244,3 +244,24 @@ def test_finetune_commands(tmp_path, capsys, monkeypatch, items):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "instances_test.json" in out and "mIoU" in out and "AP50" in out
+
+
+def test_the_transfer_study_command_writes_its_table(tmp_path):
+    """`moco transfer` end to end at a tiny budget: MoCo, supervised and random inits on both tasks."""
+    from moco import config as C
+    from moco.cli import main
+    from moco.train.loop import pretrain
+    from moco.train.supervised import supervised
+
+    cfg = C.apply_overrides(C.preset("smoke"), {"width": 4, "train_subset": 256, "queue_size": 256, "bn_splits": 4,
+                                                  "out_dir": str(tmp_path / "moco"), "progress": False})
+    pretrain(cfg, baselines=False, echo=lambda s: None)
+    sup = supervised(C.apply_overrides(cfg, {"out_dir": str(tmp_path / "sup")}), echo=lambda s: None)
+    out = tmp_path / "study"
+    assert main(["transfer", "--moco", str(tmp_path / "moco" / "checkpoint.pt"), "--supervised", str(sup),
+                 "--scenes-train", "8", "--scenes-test", "4", "--iterations", "2", "--batch-size", "2",
+                 "--threads", "1", "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    for init in ("moco", "supervised", "random"):
+        assert f"| {init} |" in table
+    assert (out / "detect.png").is_file() and (out / "segment.png").is_file()
