@@ -135,7 +135,7 @@ def test_cli_throughput_run_writes_results_and_table(cli_run):
     assert entry["machine"]["threads"] == 1 and entry["machine"]["slug"] in path.name
     assert entry["command"].startswith("moco bench --mode throughput --preset smoke")
     table = B.table_path(cli_run).read_text()
-    assert f"{r['ours']['img_s']:.0f}" in table and entry["commit"] in table
+    assert f"| {r['ours']['img_s']:.0f} (" in table and entry["commit"] in table
 
 
 def test_results_replace_append_and_table_is_built_from_files(cli_run, tmp_path):
@@ -161,4 +161,4 @@ def test_results_replace_append_and_table_is_built_from_files(cli_run, tmp_path)
     path.write_text(json.dumps(data))
     table = B.write_table(out).read_text()
     assert table.count("| smoke, 64 |") == 2
-    assert "| 1357 |" in table and "| 8765 |" in table and "| 4321 |" not in table
+    assert "| 1357 (" in table and "| 8765 (" in table and "| 4321 (" not in table

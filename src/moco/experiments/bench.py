@@ -504,13 +504,14 @@ def write_table(out: Path) -> Path:
              "do not edit this page.",
              "", "## Throughput", "",
              "Images/s over whole training steps (augmentation included) after a warm-up, median of the timed "
-             "windows (their range in brackets: a wide range means the machine was busy), both implementations in one process on the same data and model. *Ours* is the library's "
-             "`pretrain`; the *reference* follows the official recipe (per-image PIL augmentation in DataLoader "
-             "workers, the official model code; `src/moco/experiments/reference.py`). FLOPs per image count one "
-             "training step (query forward + backward, key forward; a multiply-add is 2 FLOPs); the peak is a "
-             "2048x2048 fp32 `torch.mm` measured in the same process. Peak RSS includes Python, torch and the data "
-             "set; the reference's workers are extra processes. Load is the 1-minute load average before and "
-             "after each measurement (compare it with the number of cores).", "",
+             "windows (their range in brackets: a wide range means the machine was busy), both implementations in "
+             "one process on the same data and model. *Ours* is the library's `pretrain`; the *reference* follows "
+             "the official recipe (per-image PIL augmentation in DataLoader workers, the official model code; "
+             "`src/moco/experiments/reference.py`). FLOPs per image count one training step (query forward + "
+             "backward, key forward; a multiply-add is 2 FLOPs); the peak is a 2048x2048 fp32 `torch.mm` measured "
+             "in the same process. Peak RSS includes Python, torch and the data set; the reference's workers are "
+             "extra processes. Load is the 1-minute load average before and after each measurement (compare it "
+             "with the number of cores).", "",
              "| machine | device, threads | preset, batch | ours img/s | reference img/s | ours / ref | "
              "MFLOP/img | ours GFLOP/s (of peak) | peak RSS MiB ours / ref (+workers) | load ours; ref | commit | "
              "date |",
