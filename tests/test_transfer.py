@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from moco.data.sources import load_images
+from moco.errors import ConfigError
 from moco.evaluate.load import load_encoder
 from moco.model.backbones import resnet
 from moco.transfer import scenes as scenes_module
@@ -167,6 +168,13 @@ def test_frozen_norm_keeps_the_statistics_bn_updates_them(checkpoint, tiny, norm
         assert not changed and not any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
     else:
         assert len(changed) == len(stats)
+
+
+@pytest.mark.parametrize("bad", [dict(norm="group"), dict(lr_steps=[400]), dict(trainable_layers=6),
+                                 dict(model="c4"), dict(batch_size=0)])
+def test_a_config_that_cannot_work_is_named(tiny, bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        build_detector(None, "resnet18", tiny[0], DetectionConfig(**bad))
 
 
 def test_detector_overfits_a_fixed_batch(tiny):

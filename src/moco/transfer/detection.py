@@ -54,10 +54,10 @@ FPN_STAGES = 3  # the last three stages feed the FPN: one at full resolution (sm
 class FinetuneConfig:
     """The schedule and backbone options that every initialisation shares."""
 
-    # 360 x 4 images: ~1.5 passes over 1000 scenes. Detection needs the iterations: on 96 px scenes a
-    # SmallCNN detector reached AP 39.5 with this schedule, 22 with 240 iterations, 4 with 120 x 8 images.
+    # Detection needs iterations more than images (docs/transfer.md, "Choosing the schedule"): 360 x 2 images
+    # is what a ResNet-18 on 96 px scenes affords in ~6 minutes on 2 busy CPU cores.
     iterations: int = 360
-    batch_size: int = 4
+    batch_size: int = 2
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
