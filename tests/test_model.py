@@ -179,6 +179,50 @@ def test_split_bn_equals_separate_bn_on_sub_batches():
     assert torch.allclose(split(x), plain(x))
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_split_bn_in_channels_last_matches_the_contiguous_path(affine):
+    """The copy-free channels_last path: same output, gradients and running statistics as the fold."""
+    torch.manual_seed(0)
+    contiguous, channels_last = SplitBatchNorm2d(5, splits=4, affine=affine), SplitBatchNorm2d(5, splits=4, affine=affine)
+    if affine:
+        with torch.no_grad():
+            contiguous.weight.uniform_(0.5, 2)
+            contiguous.bias.uniform_(-1, 1)
+    channels_last.load_state_dict(contiguous.state_dict())
+    x = torch.randn(16, 5, 6, 7) * 3 + 2
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y1, y2 = contiguous(x1), channels_last(x2)
+    assert y2.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y1, y2, atol=1e-5)
+    grad = torch.randn_like(y1)
+    (y1 * grad).sum().backward()
+    (y2 * grad).sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    if affine:
+        assert torch.allclose(contiguous.weight.grad, channels_last.weight.grad, atol=1e-4)
+        assert torch.allclose(contiguous.bias.grad, channels_last.bias.grad, atol=1e-4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(contiguous, name), getattr(channels_last, name), atol=1e-6), name
+
+
+def test_split_bn_channels_last_gradient_is_exact():
+    from moco.model.batchnorm import _GroupedBatchNorm
+
+    x = torch.randn(8, 3, 4, 5, dtype=torch.double).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.rand(3, dtype=torch.double, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _GroupedBatchNorm.apply(*a, 1e-5, 2)[0], (x, weight, bias))
+
+
+def test_split_bn_channels_last_keeps_a_bf16_input_dtype():
+    bn = SplitBatchNorm2d(4, splits=2)
+    x = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    y = bn(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), SplitBatchNorm2d(4, splits=2)(x), atol=0.05)
+
+
 def test_split_bn_rejects_a_batch_that_does_not_divide():
     with pytest.raises(ValueError, match="multiple of bn_splits"):
         SplitBatchNorm2d(3, splits=4)(torch.randn(6, 3, 2, 2))
