@@ -49,20 +49,24 @@ def set_rng_state(state: dict) -> None:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated
-    and many times slower than fp32 (10-60x measured on an AVX2 Zen 3)."""
+def cpu_has_amx_bf16() -> bool:
+    """Whether the CPU has AMX-BF16 tiles, the only CPUs where bf16 autocast beat fp32 in our training step.
+
+    Without native bf16, autocast is emulated and 10-60x slower than fp32 (an AVX2 Zen 3); with
+    AVX512-BF16 alone it was still 27% slower for the default model (2,254 vs 3,069 img/s on a 2-core
+    Xeon), the conversions around the normalisation layers costing more than the faster products.
+    """
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "amx_bf16" in flags
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of `precision` on `device`, or None for fp32.
 
-    auto: bf16 on CUDA GPUs that support it (else fp16) and on CPUs with native bf16; fp32 elsewhere.
+    auto: bf16 on CUDA GPUs that support it (else fp16) and on CPUs with AMX; fp32 elsewhere.
     """
     if precision == "fp32":
         return None
@@ -72,6 +76,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_has_amx_bf16():
         return torch.bfloat16
     return None
