@@ -413,6 +413,22 @@ def test_presets_follow_the_papers(preset: str, expected: tuple) -> None:
     assert settings_of(build_augment(preset, 32, [0.5] * 3, [0.2] * 3)) == expected
 
 
+@pytest.mark.parametrize(("preset", "hue"), [("v1", 0.4), ("v2", 0.1)])
+def test_jitter_strength_sets_brightness_contrast_saturation(preset: str, hue: float) -> None:
+    from moco.experiments.reference import reference_transform
+
+    assert build_augment(preset, 32, [0.5], [0.2], jitter_strength=0.8).jitter == (0.8, 0.8, 0.8, hue)
+    (jitter,) = [t for t in _flatten(reference_transform(preset, 32, [0.5], [0.2], jitter_strength=0.8).transforms)
+                 if type(t).__name__ == "ColorJitter"]
+    assert [tuple(r) for r in (jitter.brightness, jitter.contrast, jitter.saturation)] == [pytest.approx((0.2, 1.8))] * 3
+    assert tuple(jitter.hue) == pytest.approx((-hue, hue))
+
+
+def _flatten(ops: list) -> list:
+    """The transforms of a torchvision pipeline, RandomApply's included."""
+    return [t for op in ops for t in (_flatten(op.transforms) if hasattr(op, "transforms") else [op])]
+
+
 def test_unknown_preset_names_the_allowed_ones() -> None:
     with pytest.raises(ConfigError, match="v1, v2, crop, none"):
         build_augment("v3", 32, [0.5], [0.2])

@@ -459,7 +459,8 @@ class BatchAugment(_Normalising):
 
 
 def build_augment(
-    preset: str, size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2
+    preset: str, size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2,
+    jitter_strength: float = 0.4,
 ) -> BatchAugment:
     """The augmentation of a named preset, sized for ``size``-px outputs.
 
@@ -470,17 +471,20 @@ def build_augment(
     * ``"crop"``: crop (scale 0.2-1) and flip only.
     * ``"none"``: resize and normalise only; the same output as `EvalTransform`.
 
-    ``min_scale`` is the smallest crop area (0.2 in the papers).
+    ``min_scale`` is the smallest crop area (0.2 in the papers). ``jitter_strength`` is the colour
+    jitter's brightness, contrast and saturation (0.4 in the papers; hue keeps the preset's): on
+    one-channel images only brightness and contrast act, and a stronger jitter makes up for it.
     """
     crop = (min_scale, 1.0)
+    j = jitter_strength
     if preset == "v1":
         return BatchAugment(
-            size, mean, std, crop_scale=crop, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2,
+            size, mean, std, crop_scale=crop, jitter=(j, j, j, 0.4), jitter_p=1.0, gray_p=0.2,
             blur_p=0.0,
         )
     if preset == "v2":
         return BatchAugment(
-            size, mean, std, crop_scale=crop, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
+            size, mean, std, crop_scale=crop, jitter=(j, j, j, 0.1), jitter_p=0.8, gray_p=0.2,
             blur_p=0.5,
         )
     if preset == "crop":

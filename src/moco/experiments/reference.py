@@ -60,7 +60,8 @@ class TwoCropsTransform:
 
 
 def reference_transform(
-    augment: str, size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2
+    augment: str, size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2,
+    jitter_strength: float = 0.4,
 ) -> transforms.Compose:
     """The official per-image pipeline of an augmentation preset (v2 is "aug+").
 
@@ -68,17 +69,18 @@ def reference_transform(
     range is MoCo v2's [0.1, 2] for 224 px scaled to `size`, as the library scales it.
     """
     crop = transforms.RandomResizedCrop(size, scale=(min_scale, 1.0))
+    j = jitter_strength
     finish = [transforms.ToTensor(), transforms.Normalize(mean, std)]
     if augment == "v2":
         ops = [
             crop,
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomApply([transforms.ColorJitter(j, j, j, 0.1)], p=0.8),
             transforms.RandomGrayscale(p=0.2),
             transforms.RandomApply([GaussianBlur(default_blur_sigma(size))], p=0.5),
             transforms.RandomHorizontalFlip(),
         ]
     elif augment == "v1":
-        ops = [crop, transforms.RandomGrayscale(p=0.2), transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        ops = [crop, transforms.RandomGrayscale(p=0.2), transforms.ColorJitter(j, j, j, 0.4),
                transforms.RandomHorizontalFlip()]
     elif augment == "crop":
         ops = [crop, transforms.RandomHorizontalFlip()]
@@ -184,7 +186,7 @@ def reference_loader(
     the reference pays for augmentation, not for process start-up.
     """
     d = cfg.data
-    transform = TwoCropsTransform(reference_transform(d.augment, size, mean, std, d.crop_min_scale))
+    transform = TwoCropsTransform(reference_transform(d.augment, size, mean, std, d.crop_min_scale, d.jitter_strength))
     return DataLoader(PILImages(images, transform), batch_size=d.batch_size, shuffle=True, num_workers=workers,
                       pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0)
 

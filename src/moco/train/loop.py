@@ -182,7 +182,7 @@ class Trainer:
         self.memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.augment = build_augment(d.augment, self.data.size, self.data.mean, self.data.std,
-                                     d.crop_min_scale).to(self.device)
+                                     d.crop_min_scale, d.jitter_strength).to(self.device)
         self.optimizer = build_optimizer(self.model.encoder_q.parameters(), o, d.batch_size)
         if m.sync_bn and self.world > 1:  # the query's BN over the global batch; the key encoder keeps its groups
             self.model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.encoder_q)
