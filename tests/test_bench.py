@@ -92,9 +92,9 @@ def test_deadline_excludes_evaluation_from_budget(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
 
-    def evaluate(model) -> float:
+    def evaluate(model) -> dict:
         now[0] += 100.0
-        return 50.0
+        return {"knn_top1": 50.0}
 
     hook = B.Deadline(evaluate, budget=10.0, every=3.0, device=torch.device("cpu"))
     stopped_at = None
@@ -162,3 +162,28 @@ def test_results_replace_append_and_table_is_built_from_files(cli_run, tmp_path)
     table = B.write_table(out).read_text()
     assert table.count("| smoke, 64 |") == 2
     assert "| 1357 (" in table and "| 8765 (" in table and "| 4321 (" not in table
+
+
+def test_cli_time_to_accuracy_run_records_curves_for_both(tmp_path):
+    """A tiny budget through the command line: both implementations get a curve, scored by every protocol."""
+    if not FMNIST.is_dir():
+        pytest.skip(f"{FMNIST} absent (apt-get install dataset-fashion-mnist)")
+    out = tmp_path / "benchmarks"
+    code = main(["bench", "--mode", "time-to-accuracy", "--preset", "smoke", "--train-subset", "1024",
+                 "--warmup", "1", "--steps", "2", "--windows", "1", "--workers", "1", "--threads", "1",
+                 "--minutes", "0.1", "--every", "2", "--out", str(out)])
+    assert code == 0
+    (path,) = out.glob("time-to-accuracy-*.json")
+    (entry,) = json.loads(path.read_text())["entries"]
+    r = entry["result"]
+    names = [p["name"] for p in r["knn_protocols"]]
+    assert names == ["knn_top1", "knn20_top1"]
+    assert 70 < r["raw_pixels"]["plain_5nn_top1"] < 90  # 1,024 Fashion-MNIST images as the memory
+    for impl in ("ours", "reference"):
+        curve = r[impl]["curve"]
+        assert curve and all(10 < p[n] <= 100 for p in curve for n in names)
+        assert [p["minutes"] for p in curve] == sorted(p["minutes"] for p in curve)
+        assert 2 <= len(curve) <= 4 and curve[-1]["minutes"] < 0.1 + 0.02  # stops at the first step past the budget
+    assert (out / entry["plot"]).is_file()
+    table = B.table_path(out).read_text()
+    assert "## Time to accuracy" in table and f"{r['ours']['curve'][0]['knn20_top1']:.2f}%" in table

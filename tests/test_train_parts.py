@@ -9,7 +9,7 @@ import torch
 
 from moco.config import OptimConfig
 from moco.errors import CheckpointError
-from moco.evaluate.knn import knn_accuracy, knn_scores
+from moco.evaluate.knn import knn_accuracy, knn_scores, plain_knn_accuracy
 from moco.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from moco.train.observe import LossWatch, MocoWarning, check_collapse, check_queue_size, key_spread
 from moco.train.optim import lr_at, scaled_lr
@@ -154,3 +154,24 @@ def test_weighted_knn_matches_a_brute_force_vote():
         assert scores[i].tolist() == pytest.approx(expected, rel=1e-5)
     acc = knn_accuracy(train, labels, test, scores.argmax(1), k, t)
     assert acc["top1"] == 100.0 and acc["top5"] == 100.0
+
+
+def test_plain_knn_is_a_euclidean_majority_vote():
+    g = torch.Generator().manual_seed(1)
+    train = torch.randn(60, 6, generator=g) * 3
+    labels = torch.randint(0, 4, (60,), generator=g)
+    test = torch.randn(40, 6, generator=g) * 3
+    k = 4  # even: ties happen
+    predicted, ties = [], 0
+    for x in test:
+        nearest = sorted(range(60), key=lambda j: float(((train[j] - x) ** 2).sum()))[:k]
+        counts = [sum(int(labels[j]) == c for j in nearest) for c in range(4)]
+        best = max(counts)
+        ties += counts.count(best) > 1
+        # ties: the tied class with the nearest voter
+        predicted.append(next(int(labels[j]) for j in nearest if counts[int(labels[j])] == best))
+    predicted = torch.tensor(predicted)
+    assert ties > 0
+    assert plain_knn_accuracy(train, labels, test, predicted, k, chunk=4) == 100.0
+    flipped = (predicted + 1) % 4
+    assert plain_knn_accuracy(train, labels, test, flipped, k, chunk=4) == 0.0
