@@ -175,3 +175,15 @@ def test_plain_knn_is_a_euclidean_majority_vote():
     assert plain_knn_accuracy(train, labels, test, predicted, k, chunk=4) == 100.0
     flipped = (predicted + 1) % 4
     assert plain_knn_accuracy(train, labels, test, flipped, k, chunk=4) == 0.0
+
+
+def test_precision_auto_is_bf16_only_on_gpus_and_amx_cpus(monkeypatch):
+    from moco import runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: False)
+    assert runtime.autocast_dtype("auto", cpu) is None  # AVX512-BF16 alone measured slower than fp32
+    assert runtime.autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for explicitly
+    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: True)
+    assert runtime.autocast_dtype("auto", cpu) == torch.bfloat16
+    assert runtime.autocast_dtype("fp32", cpu) is None

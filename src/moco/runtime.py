@@ -50,11 +50,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def cpu_has_amx_bf16() -> bool:
-    """Whether the CPU has AMX-BF16 tiles, the only CPUs where bf16 autocast beat fp32 in our training step.
+    """Whether the CPU has AMX-BF16 tiles, whose bf16 matrix products are several times faster than fp32.
 
-    Without native bf16, autocast is emulated and 10-60x slower than fp32 (an AVX2 Zen 3); with
-    AVX512-BF16 alone it was still 27% slower for the default model (2,254 vs 3,069 img/s on a 2-core
-    Xeon), the conversions around the normalisation layers costing more than the faster products.
+    Only there does `precision=auto` pick bf16 on a CPU (not measured here: no AMX machine). Without
+    native bf16, autocast is emulated and 10-60x slower than fp32 (an AVX2 Zen 3); with AVX512-BF16
+    alone it was still 27% slower for the default model (2,254 vs 3,069 img/s on a 2-core Xeon), the
+    conversions around the normalisation layers costing more than the faster products.
     """
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()

@@ -39,12 +39,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import config as C
-from ..errors import ConfigError
-from ..model import build_moco
-from ..runtime import resolve_device, seed_everything
 from ..data.augment import EvalTransform
+from ..errors import ConfigError
 from ..evaluate.features import extract_features
 from ..evaluate.knn import knn_accuracy, pixel_features, plain_knn_accuracy
+from ..model import build_moco
+from ..runtime import resolve_device, seed_everything
 from ..train.loop import Data, load_data, pretrain
 from .ablate import commit
 from .reference import reference_model, train_reference
