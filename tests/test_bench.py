@@ -4,6 +4,7 @@ import copy
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,17 @@ def test_cli_time_to_accuracy_run_records_curves_for_both(tmp_path):
     assert (out / entry["plot"]).is_file()
     table = B.table_path(out).read_text()
     assert "## Time to accuracy" in table and f"{r['ours']['curve'][0]['knn20_top1']:.2f}%" in table
+
+
+def test_set_changes_the_recipe_and_a_bad_field_is_named(tmp_path, capsys):
+    s = B.BenchSettings(preset="smoke", overrides={"width": "4", "queue_size": "128"})
+    cfg = B.bench_config(s, str(tmp_path), 1)
+    assert (cfg.model.width, cfg.model.queue_size, cfg.run.knn_every) == (4, 128, -1)  # bench's own fields still win
+    assert s.setup()["overrides"] == {"width": "4", "queue_size": "128"}
+    assert "--set width=4 --set queue_size=128" in s.command()
+    assert "overrides" not in B.BenchSettings(preset="smoke").setup()  # older results keep matching
+    assert B.recipe(asdict(s)) == "smoke (width=4, queue_size=128)"
+    assert main(["bench", "--preset", "smoke", "--set", "widht=4", "--out", str(tmp_path)]) == 2
+    assert "widht" in capsys.readouterr().err
+    assert main(["bench", "--preset", "smoke", "--set", "width", "--out", str(tmp_path)]) == 2
+    assert "FIELD=VALUE" in capsys.readouterr().err

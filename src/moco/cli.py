@@ -222,6 +222,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def field_values(pairs: Sequence[str]) -> dict[str, str]:
+    """{"width": "32"} from ["width=32"]; the config checks names and types when it applies them."""
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise C.ConfigError(f"--set {pair!r}: write FIELD=VALUE, e.g. --set width=32")
+        values[name.strip().replace("-", "_")] = value.strip()
+    return values
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .experiments.bench import BenchSettings, bench
 
@@ -229,7 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              threads=args.threads, train_subset=args.train_subset, warmup=args.warmup,
                              steps=args.steps, windows=args.windows, workers=args.workers,
                              reference=not args.skip_reference, profile=args.profile, minutes=args.minutes,
-                             every=args.every, seed=args.seed)
+                             every=args.every, seed=args.seed, overrides=field_values(args.set))
     bench(settings, args.out)
     return 0
 
@@ -409,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=float, default=60.0,
                    help="time-to-accuracy: seconds of training between kNN evaluations")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change a field of the preset's config, e.g. --set width=32 (repeatable)")
     p.add_argument("--out", default="docs/benchmarks", help="results folder; the Markdown page is OUT.md")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,7 @@ class BenchSettings:
     minutes: float = 10.0  # time-to-accuracy: training budget of each implementation
     every: float = 60.0  # time-to-accuracy: seconds of training between kNN evaluations
     seed: int = 0
+    overrides: dict[str, str] = field(default_factory=dict)  # config fields changed from the preset's, e.g. width
 
     def __post_init__(self) -> None:
         if self.workers is None:
@@ -93,6 +94,8 @@ class BenchSettings:
         keys = ["preset", "device", "batch_size", "threads", "train_subset", "workers", "reference"]
         if self.mode == "time-to-accuracy":
             keys += ["minutes", "every"]
+        if self.overrides:
+            keys.append("overrides")
         return {k: getattr(self, k) for k in keys}
 
     def command(self) -> str:
@@ -106,6 +109,8 @@ class BenchSettings:
                 args += [flag, value]
         if self.mode == "time-to-accuracy":
             args += ["--minutes", self.minutes, "--every", self.every]
+        for name, value in self.overrides.items():
+            args += ["--set", f"{name}={value}"]
         if not self.reference:
             args.append("--skip-reference")
         if self.profile:
@@ -115,8 +120,9 @@ class BenchSettings:
 
 def bench_config(s: BenchSettings, out_dir: str, epochs: int) -> C.PretrainConfig:
     """The preset's pretraining config, quiet (no monitor, bar or TensorBoard), for `epochs` epochs."""
-    overrides: dict[str, Any] = {"device": s.device, "threads": s.threads, "seed": s.seed, "out_dir": out_dir,
-                                 "epochs": epochs, "knn_every": -1, "tensorboard": False, "progress": False}
+    overrides: dict[str, Any] = {**s.overrides, "device": s.device, "threads": s.threads, "seed": s.seed,
+                                 "out_dir": out_dir, "epochs": epochs, "knn_every": -1, "tensorboard": False,
+                                 "progress": False}
     if s.batch_size is not None:
         overrides["batch_size"] = s.batch_size
     if s.train_subset is not None:
@@ -527,6 +533,12 @@ def spread(measured: dict[str, Any]) -> str:
     return f"{measured['img_s']:.0f} ({min(measured['windows']):.0f}-{max(measured['windows']):.0f})"
 
 
+def recipe(settings: dict[str, Any]) -> str:
+    """The preset and the fields changed from it, e.g. "cpu" or "cpu (width=32)"."""
+    changed = settings.get("overrides") or {}
+    return settings["preset"] + (f" ({', '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
+
+
 def write_table(out: Path) -> Path:
     """Regenerate the Markdown page from every results file in `out`."""
     entries = sorted((e for p in sorted(out.glob("*.json")) for e in read_results(p)), key=lambda e: e["date"])
@@ -557,7 +569,7 @@ def write_table(out: Path) -> Path:
         rss = f"{ours['peak_rss_mib']} / " + (
             f"{ref['peak_rss_mib']} (+{ref.get('workers_peak_rss_mib', 0)})" if ref else "-")
         lines.append(
-            f"| {m['cpu']}, {m['cores']} cores | {m['device']}, {m['threads']} | {st['preset']}, {e['batch_size']} | "
+            f"| {m['cpu']}, {m['cores']} cores | {m['device']}, {m['threads']} | {recipe(st)}, {e['batch_size']} | "
             f"{spread(ours)} | {spread(ref) if ref else '-'} | {r.get('speedup', '-')}x | "
             f"{ours['flops_per_image'] / 1e6:.1f} | {r['achieved_flops'] / 1e9:.1f} "
             f"({100 * r['fraction_of_peak']:.1f}% of {r['matmul_peak_flops'] / 1e9:.0f}) | {rss} | {load} | "
