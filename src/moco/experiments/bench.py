@@ -570,7 +570,7 @@ def write_table(out: Path) -> Path:
             f"{ref['peak_rss_mib']} (+{ref.get('workers_peak_rss_mib', 0)})" if ref else "-")
         lines.append(
             f"| {m['cpu']}, {m['cores']} cores | {m['device']}, {m['threads']} | {recipe(st)}, {e['batch_size']} | "
-            f"{spread(ours)} | {spread(ref) if ref else '-'} | {f"{r['speedup']}x" if ref else '-'} | "
+            f"{spread(ours)} | {spread(ref) if ref else '-'} | {str(r['speedup']) + 'x' if ref else '-'} | "
             f"{ours['flops_per_image'] / 1e6:.1f} | {r['achieved_flops'] / 1e9:.1f} "
             f"({100 * r['fraction_of_peak']:.1f}% of {r['matmul_peak_flops'] / 1e9:.0f}) | {rss} | {load} | "
             f"`{e['commit']}` | {e['date'][:10]} |")
