@@ -196,6 +196,10 @@ def test_mixed_precision_steps_train_in_fp32_master_weights(tmp_path, precision)
 def test_compiled_encoders_keep_the_checkpoint_layout(tmp_path):
     cfg = tiny(tmp_path, model=dict(width=4, dim=16, queue_size=128), data=dict(batch_size=32, train_subset=64),
                optim=dict(epochs=1), run=dict(compile=True))
-    result = pretrain(cfg, baselines=False, echo=lambda s: None)
+    lines: list[str] = []
+    result = pretrain(cfg, baselines=False, echo=lines.append)
     keys = load_checkpoint(result.checkpoint)["model"].keys()
     assert "encoder_q.backbone.features.0.weight" in keys and not any("_orig_mod" in k for k in keys)
+    # Compilation is timed on its own, once: the first step.
+    assert result.compile_seconds is not None and result.compile_seconds > 0
+    assert sum(line.startswith("torch.compile: first step") for line in lines) == 1

@@ -24,7 +24,8 @@ from ..data.sources import ImageSet, has_split, load_images
 from ..errors import CheckpointError, ConfigError, MocoError
 from ..evaluate.knn import knn_accuracy, knn_eval, pixel_features, reinitialised
 from ..model import build_moco
-from ..runtime import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
+from ..runtime import (autocast_dtype, keep_freed_memory, resolve_device, rng_state, seed_everything, set_rng_state,
+                       synchronize)
 from .checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from .observe import LossWatch, MetricsLog, check_collapse, check_queue_size, key_spread
 from .optim import build_optimizer, lr_at, set_lr
@@ -38,6 +39,7 @@ class PretrainResult:
     loss: float  # mean loss of the last completed epoch
     knn: dict[str, float] | None = None  # the trained backbone's kNN accuracy on the test split
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # raw pixels, random encoder
+    compile_seconds: float | None = None  # with run.compile: the first step, compilation included
 
 
 @dataclass
@@ -159,6 +161,8 @@ class Trainer:
         self.device = ddp_device if self.world > 1 else resolve_device(r.device)
         if r.threads is not None:
             torch.set_num_threads(r.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         seed_everything(r.seed)  # the same initial weights everywhere (DDP also broadcasts them)
         self.out_dir = Path(r.out_dir)
         if self.main:
@@ -202,6 +206,7 @@ class Trainer:
         self.knn = Knn(self.data, cfg, self.device) if self.data.test is not None and self.main else None
         self.watch = LossWatch(*self.model.chance(d.batch_size))
         self.epoch, self.step, self.skipped = 0, 0, 0
+        self.compile_seconds: float | None = None  # set by the first step when compiling
         self.best_knn = -math.inf
         self.stop_requested = False  # by on_step
         self.stop_signal: int | None = None  # SIGTERM or SIGINT received
@@ -348,21 +353,29 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         acc_sum = torch.zeros((), device=self.device)
         seen, tic = 0, time.perf_counter()
+        rate_from = (0, tic)  # (steps seen, clock) that images/s counts from: after compilation
         bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{o.epochs}",
                    disable=not (r.progress and self.main), dynamic_ncols=True, leave=True)
         for i in bar:
             lr = lr_at(self.step, self.steps_per_epoch, o, d.batch_size)
             set_lr(self.optimizer, lr)
+            step_tic = time.perf_counter()
             out = self.train_step(*next(batches))
             self.step += 1
+            if r.compile and self.compile_seconds is None:
+                synchronize(self.device)
+                self.compile_seconds = time.perf_counter() - step_tic
+                self.echo(f"torch.compile: first step {self.compile_seconds:.1f} s, compilation included "
+                          "(left out of images/s)")
+                rate_from = (seen + (out is not None), time.perf_counter())
             if out is not None:
                 loss_sum += out[0]
                 acc_sum += out[1]
                 seen += 1
                 if self.main and not self.watch.checked and self.step > self.watch.first_full_step:
                     self.watch.step(self.step, out[0].item())
-            if seen and (seen % 20 == 0 or i == self.steps_per_epoch - 1):
-                img_s = seen * d.batch_size / (time.perf_counter() - tic)
+            if seen > rate_from[0] and (seen % 20 == 0 or i == self.steps_per_epoch - 1):
+                img_s = (seen - rate_from[0]) * d.batch_size / (time.perf_counter() - rate_from[1])
                 values = {"loss": (loss_sum / seen).item(), "acc": 100 * (acc_sum / seen).item(), "lr": lr,
                           "img_s": img_s}
                 bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.1f}%", lr=f"{lr:.4f}",
@@ -419,7 +432,7 @@ class Trainer:
         knn = ({"top1": values["knn_top1"], "top5": values["knn_top5"]}
                if values and "knn_top1" in values else None)
         result = PretrainResult(self.out_dir, self.out_dir / LAST, self.epoch, (values or {}).get("loss", math.nan),
-                                knn)
+                                knn, compile_seconds=self.compile_seconds)
         if self.knn is not None and baselines:
             backbone = self.model.encoder_q.backbone
             if result.knn is None:
