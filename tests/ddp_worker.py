@@ -22,7 +22,7 @@ def main(out: Path) -> None:
     record = {"loss": [], "grads": []}
     for step, (x_q, x_k) in enumerate(batches()):
         torch.manual_seed(100 + step)  # the same permutation draw as the single process
-        logits, labels = ddp(x_q[rank::world], x_k[rank::world])
+        logits, labels = ddp(x_q.chunk(world)[rank], x_k.chunk(world)[rank])  # block r, as the training loop
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad()
         loss.backward()

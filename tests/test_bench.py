@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from moco import config as C
 from moco.cli import main
 from moco.experiments import bench as B
-from moco.experiments.reference import ReferenceMoCo, reference_model
-from moco.model import build_moco
+from moco.experiments.reference import FoldedSplitBatchNorm2d, ReferenceMoCo, reference_model
+from moco.model import SplitBatchNorm2d, build_moco
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 BATCH, QUEUE = 16, 64  # the queue wraps around after 4 steps
@@ -59,6 +59,21 @@ def test_reference_matches_library_over_steps(shuffle_bn, bn_splits):
             torch.testing.assert_close(p_ref, p_ours, rtol=1e-5, atol=1e-5)
         for p_ref, p_ours in zip(ref.encoder_q.parameters(), ours.encoder_q.parameters(), strict=True):
             torch.testing.assert_close(p_ref, p_ours, rtol=1e-4, atol=1e-5)
+
+
+def test_official_folded_split_bn_is_ours_on_the_batch_in_group_order():
+    """The demo's groups are samples j, j+G, ...; ours are blocks: equal once the batch is reordered."""
+    torch.manual_seed(0)
+    folded, ours = FoldedSplitBatchNorm2d(3, splits=4), SplitBatchNorm2d(3, splits=4)
+    with torch.no_grad():
+        folded.weight.uniform_(0.5, 2)
+        folded.bias.uniform_(-1, 1)
+    ours.load_state_dict(folded.state_dict())
+    x = torch.randn(16, 3, 5, 5) * 3 + 1
+    group_order = torch.arange(16).view(4, 4).T.flatten()  # samples 0, 4, 8, 12, 1, 5, ...
+    torch.testing.assert_close(folded(x)[group_order], ours(x[group_order]))
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(folded, name), getattr(ours, name))
 
 
 def test_reference_needs_batch_dividing_queue():

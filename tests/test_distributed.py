@@ -25,7 +25,7 @@ def make_model(bn_groups: int) -> MoCo:
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                             nn.Linear(6, 5))
-    return MoCo(convert_split_bn(encoder, bn_groups), dim=5, K=64, m=0.9, T=0.2, bn_groups=bn_groups)
+    return MoCo(convert_split_bn(encoder, bn_groups), dim=5, K=64, m=0.9, T=0.2)
 
 
 def batches():

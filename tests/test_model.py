@@ -132,11 +132,10 @@ def test_symmetric_loss_uses_both_views_and_enqueues_once():
     assert torch.allclose(logits[3:, 0], (q2 * k1).sum(1) / model.T, atol=1e-5)
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_shuffle_and_unshuffle_are_inverse(groups):
+def test_shuffle_and_unshuffle_are_inverse():
     """Without BN, a key does not depend on its batch-mates: keys of the shuffled batch, unshuffled,
     are the plain keys, row for row."""
-    model = tiny_moco(bn_groups=groups)
+    model = tiny_moco()
     x = torch.randn(16, 6)
     model.shuffle_bn = True
     k_shuffled = model.keys(x)
@@ -170,7 +169,7 @@ def test_split_bn_equals_separate_bn_on_sub_batches():
     for g in range(4):
         ref = nn.BatchNorm2d(3)
         ref.load_state_dict(plain.state_dict())
-        assert torch.allclose(y[g::4], ref(x[g::4]), atol=1e-5)  # sub-batch g = samples g, g+4, ...
+        assert torch.allclose(y[4 * g : 4 * g + 4], ref(x[4 * g : 4 * g + 4]), atol=1e-5)  # sub-batch g: block g
         running_means.append(ref.running_mean)
     assert torch.allclose(split.running_mean, torch.stack(running_means).mean(0), atol=1e-6)
     split.eval()
@@ -181,7 +180,7 @@ def test_split_bn_equals_separate_bn_on_sub_batches():
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_split_bn_in_channels_last_matches_the_contiguous_path(affine):
-    """The copy-free channels_last path: same output, gradients and running statistics as the fold."""
+    """channels_last: same output (in channels_last), gradients and running statistics as contiguous."""
     torch.manual_seed(0)
     contiguous, channels_last = SplitBatchNorm2d(5, splits=4, affine=affine), SplitBatchNorm2d(5, splits=4, affine=affine)
     if affine:
@@ -206,13 +205,37 @@ def test_split_bn_in_channels_last_matches_the_contiguous_path(affine):
         assert torch.allclose(getattr(contiguous, name), getattr(channels_last, name), atol=1e-6), name
 
 
-def test_split_bn_channels_last_gradient_is_exact():
-    from moco.model.batchnorm import _GroupedBatchNorm
-
+def test_split_bn_gradient_is_exact():
+    bn = SplitBatchNorm2d(3, splits=2).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
     x = torch.randn(8, 3, 4, 5, dtype=torch.double).contiguous(memory_format=torch.channels_last).requires_grad_()
-    weight = torch.rand(3, dtype=torch.double, requires_grad=True)
-    bias = torch.randn(3, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: _GroupedBatchNorm.apply(*a, 1e-5, 2)[0], (x, weight, bias))
+    assert torch.autograd.gradcheck(bn, (x,))
+
+
+def test_split_bn_traced_for_the_compiler_matches_the_eager_kernels(monkeypatch):
+    """Under torch.compile the blocks are concatenated instead of written in place: the same numbers."""
+    torch.manual_seed(0)
+    eager, traced = SplitBatchNorm2d(5, splits=4), SplitBatchNorm2d(5, splits=4)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 2)
+        eager.bias.uniform_(-1, 1)
+    traced.load_state_dict(eager.state_dict())
+    x = (torch.randn(16, 5, 6, 7) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn_like(x)
+    y1 = eager(x1)
+    (y1 * grad).sum().backward()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    y2 = traced(x2)
+    (y2 * grad).sum().backward()
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(eager, name).grad, getattr(traced, name).grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(eager, name), getattr(traced, name))
 
 
 def test_split_bn_channels_last_keeps_a_bf16_input_dtype():

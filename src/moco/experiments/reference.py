@@ -11,7 +11,7 @@ not the library's optimisations:
 * SGD with the learning rate set once per epoch (cosine), fp32, default (contiguous) memory format.
 
 Shuffling BN on one process is emulated, as in the official CIFAR-10 demo, by a shuffled key batch
-and split BN; the split BN is the library's `convert_split_bn`, so both sides do the same arithmetic.
+and the demo's split BN, which folds the sub-batches into channels (`FoldedSplitBatchNorm2d`).
 The encoder (backbone + head) is built by the library's `build_encoder` from the same config, so both
 sides have the same architecture and FLOPs; everything around it is independent of the library.
 """
@@ -31,7 +31,7 @@ from torchvision import transforms
 from ..config import PretrainConfig
 from ..data.augment import default_blur_sigma
 from ..errors import ConfigError
-from ..model.batchnorm import convert_split_bn
+from ..model.batchnorm import SplitBatchNorm2d, convert_split_bn
 from ..model.build import build_encoder
 from ..train.optim import scaled_lr
 
@@ -47,6 +47,30 @@ class GaussianBlur:
 
     def __call__(self, image: Image.Image) -> Image.Image:
         return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class FoldedSplitBatchNorm2d(SplitBatchNorm2d):
+    """The official CIFAR demo's split BN: sub-batch j = samples j, j+G, ..., folded into channels.
+
+    (N, C, H, W) -> (N/G, G*C, H, W), a view of contiguous activations: one BN call normalises every
+    (group, channel) pair. The same statistics as the library's SplitBatchNorm2d on the batch
+    reordered group by group; the running statistics are the mean over the groups.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = self.splits
+        if not self.training or g == 1:
+            return nn.BatchNorm2d.forward(self, x)
+        running_mean = self.running_mean.repeat(g)  # (G*C,)
+        running_var = self.running_var.repeat(g)  # (G*C,)
+        y = F.batch_norm(x.view(n // g, g * c, h, w), running_mean, running_var, self.weight.repeat(g),
+                         self.bias.repeat(g), True, self.momentum, self.eps)  # (N/G, G*C, H, W)
+        with torch.no_grad():
+            self.running_mean.copy_(running_mean.view(g, c).mean(0))
+            self.running_var.copy_(running_var.view(g, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        return y.view(n, c, h, w)
 
 
 class TwoCropsTransform:
@@ -172,7 +196,7 @@ def reference_model(cfg: PretrainConfig, channels: int, size: int) -> ReferenceM
     if m.queue_size % cfg.data.batch_size:
         raise ConfigError(f"the reference dequeues by slicing: queue_size K={m.queue_size} must be a multiple "
                           f"of batch_size={cfg.data.batch_size}")
-    encoder = convert_split_bn(build_encoder(m, channels, size), m.bn_splits)
+    encoder = convert_split_bn(build_encoder(m, channels, size), m.bn_splits, FoldedSplitBatchNorm2d)
     return ReferenceMoCo(encoder, m.dim, m.queue_size, m.key_momentum, m.temperature, m.shuffle_bn)
 
 

@@ -42,5 +42,4 @@ def build_moco(
         T=cfg.temperature,
         symmetric=cfg.symmetric,
         shuffle_bn=cfg.shuffle_bn,
-        bn_groups=groups,
     )

@@ -33,7 +33,6 @@ class MoCo(nn.Module):
             encoder work; the queue is fed once per step, with the keys of both views).
         shuffle_bn: shuffle the keys' batch before the key encoder and unshuffle after, so that
             split/per-device BN statistics cannot reveal the positive.
-        bn_groups: BN sub-batches per process (the encoders' SplitBatchNorm2d splits; 1 for plain BN).
     """
 
     uses_key_view = True
@@ -47,7 +46,6 @@ class MoCo(nn.Module):
         T: float = 0.07,
         symmetric: bool = False,
         shuffle_bn: bool = True,
-        bn_groups: int = 1,
     ) -> None:
         super().__init__()
         if K < 1:
@@ -59,7 +57,6 @@ class MoCo(nn.Module):
         self.K, self.m, self.T = K, m, T
         self.symmetric = symmetric
         self.shuffle_bn = shuffle_bn
-        self.bn_groups = bn_groups
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
         self.encoder_k.requires_grad_(False)
@@ -89,21 +86,18 @@ class MoCo(nn.Module):
         Shuffling BN across processes, as in the paper: every process's images are gathered, permuted
         with one permutation shared by all processes, and each process encodes its slice of the
         permuted batch, so its BN statistics mix images of every process; the keys are then gathered
-        and unshuffled. BN groups are "virtual devices": `bn_groups` per process (split BN, sub-batch j
-        = samples j, j+G, ...), so one process with G groups computes what G processes with one group
+        and unshuffled. BN groups are "virtual devices": the encoders' split BN normalises G blocks
+        of each process's batch, so one process with G groups computes what G processes with one group
         each compute.
         """
         if not self.shuffle_bn:
             return F.normalize(self.encoder_k(x_k).float(), dim=1)
-        b, g, r = x_k.shape[0], self.bn_groups, dist.rank()
-        to_groups = torch.arange(b, device=x_k.device).view(b // g, g).T.flatten()  # (B,) group-major order
-        from_groups = torch.argsort(to_groups)  # (B,) back to batch order
-        gathered = dist.all_gather(x_k[to_groups])  # (W*B, C, H, W): (process, group)-major
+        b, r = x_k.shape[0], dist.rank()
+        gathered = dist.all_gather(x_k)  # (W*B, C, H, W), process-major: the global batch
         perm = dist.broadcast_(torch.randperm(gathered.shape[0], device=x_k.device))  # (W*B,) one for all
-        mine = perm[r * b : (r + 1) * b]  # (B,) this process's slice of the shuffled batch, group by group
-        k = F.normalize(self.encoder_k(gathered[mine[from_groups]]).float(), dim=1)[to_groups]  # (B, D)
-        k = dist.all_gather(k)[torch.argsort(perm)]  # (W*B, D), gathered order
-        return k[r * b : (r + 1) * b][from_groups]  # (B, D), this process's batch order
+        k = F.normalize(self.encoder_k(gathered[perm[r * b : (r + 1) * b]]).float(), dim=1)  # (B, D) this slice
+        k = dist.all_gather(k)[torch.argsort(perm)]  # (W*B, D), global batch order
+        return k[r * b : (r + 1) * b]  # (B, D), this process's images
 
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """[q . k+, q . queue] / T, shape (B, 1 + K); the positive is column 0."""
@@ -139,15 +133,15 @@ class MoCo(nn.Module):
     def global_batch(self, keys: torch.Tensor) -> torch.Tensor:
         """Every process's keys (V*B, D), V views of B images, in the global batch's order.
 
-        Process r holds global samples r, r+W, r+2W, ... (see the training loop), so the gathered
-        [process 0 | process 1 | ...] rows are interleaved back; every process enqueues the same keys.
+        Process r holds block r of the global batch (see the training loop), so with one view the
+        gathered [process 0 | process 1 | ...] rows are that order; with two, the views are regrouped.
         """
         w = dist.world_size()
         if w == 1:
             return keys
         views = 2 if self.symmetric else 1
         gathered = dist.all_gather(keys)  # (W*V*B, D)
-        return gathered.view(w, views, -1, keys.shape[1]).permute(1, 2, 0, 3).reshape(-1, keys.shape[1])
+        return gathered.view(w, views, -1, keys.shape[1]).transpose(0, 1).reshape(-1, keys.shape[1])
 
     def key_sample(self) -> torch.Tensor:
         """Recent keys (K, D), for the collapse diagnostic."""

@@ -325,7 +325,7 @@ class Trainer:
         """(uint8 images, their indices) of this process for the steps `first`.. of the current epoch.
 
         In memory, the order depends only on (seed, epoch), so a resumed run sees the same batches;
-        process r takes samples r, r+W, ... of each global batch. Streamed shards are reshuffled each
+        process r takes block r of each global batch (its split BN group under shuffling BN). Streamed shards are reshuffled each
         epoch; a run resumed mid-epoch skips the batches already seen.
         """
         d, seed = self.cfg.data, self.cfg.run.seed
@@ -341,7 +341,7 @@ class Trainer:
             return
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + self.epoch))
         for i in range(first, self.steps_per_epoch):
-            idx = order[i * d.batch_size : (i + 1) * d.batch_size][self.rank :: self.world]
+            idx = order[i * d.batch_size : (i + 1) * d.batch_size].chunk(self.world)[self.rank]
             yield train.images[idx], idx
 
     def run_epoch(self, on_step: Callable[[int, nn.Module], bool | None] | None) -> dict | None:
