@@ -175,11 +175,14 @@ def test_results_replace_append_and_table_is_built_from_files(cli_run, tmp_path)
     data = json.loads(path.read_text())
     data["entries"][0]["result"]["ours"]["img_s"] = 1357.0
     data["entries"][0]["result"]["ours"]["compile_s"] = 41.2  # as a run with --set compile=true records
+    data["entries"][0]["result"]["matmul_peak_dtype"] = "bf16"  # ours under bf16 autocast: the bf16 peak
+    data["entries"][1]["result"]["matmul_peak_dtype"] = "fp32"
     path.write_text(json.dumps(data))
     table = B.write_table(out).read_text()
     assert table.count("| smoke, 64 |") == 2
     assert "| 1357 (" in table and "| 8765 (" in table and "| 4321 (" not in table
     assert table.count("; compile 41.2 s |") == 1
+    assert table.count(" bf16) |") == 1
 
 
 def test_cli_time_to_accuracy_run_records_curves_for_both(tmp_path):

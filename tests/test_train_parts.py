@@ -177,14 +177,23 @@ def test_plain_knn_is_a_euclidean_majority_vote():
     assert plain_knn_accuracy(train, labels, test, flipped, k, chunk=4) == 0.0
 
 
-def test_precision_auto_is_bf16_only_on_gpus_and_amx_cpus(monkeypatch):
+def test_precision_auto_is_bf16_only_on_gpus_and_cpus_where_it_pays(monkeypatch):
     from moco import runtime
 
+    def cpuinfo(vendor: str, *flags: str) -> str:
+        return f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse avx2 fma {' '.join(flags)}\n"
+
+    assert not runtime.cpu_prefers_bf16(cpuinfo("AuthenticAMD"))  # Zen 3: emulated, 10-60x slower
+    assert not runtime.cpu_prefers_bf16(cpuinfo("GenuineIntel", "avx512f", "avx512_bf16"))  # measured 27% slower
+    assert runtime.cpu_prefers_bf16(cpuinfo("AuthenticAMD", "avx512f", "avx512_bf16"))  # Zen 4: 30-48% faster
+    assert runtime.cpu_prefers_bf16(cpuinfo("GenuineIntel", "avx512_bf16", "amx_bf16", "amx_tile"))
+    assert not runtime.cpu_prefers_bf16("")  # no flags line: fp32
+
     cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: False)
-    assert runtime.autocast_dtype("auto", cpu) is None  # AVX512-BF16 alone measured slower than fp32
+    monkeypatch.setattr(runtime, "cpu_prefers_bf16", lambda: False)
+    assert runtime.autocast_dtype("auto", cpu) is None
     assert runtime.autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for explicitly
-    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_prefers_bf16", lambda: True)
     assert runtime.autocast_dtype("auto", cpu) == torch.bfloat16
     assert runtime.autocast_dtype("fp32", cpu) is None
 

@@ -399,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measures, in one process on the same data and model, the images/s of the "
                        "library's pretraining step and of a reference written from the paper and the official "
                        "code (per-image PIL augmentation in DataLoader workers), FLOPs per image, the fraction of "
-                       "the machine's fp32 matmul peak and peak memory (--mode throughput); or kNN top-1 against "
-                       "training time within a budget (--mode time-to-accuracy). Results go to OUT/<mode>-<machine>"
+                       "the machine's matmul peak (in the dtype it computes in) and peak memory (--mode "
+                       "throughput); or kNN top-1 against training time within a budget (--mode time-to-accuracy). Results go to OUT/<mode>-<machine>"
                        ".json and OUT.md is regenerated from all results files.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", choices=["throughput", "time-to-accuracy"], default="throughput")

@@ -87,7 +87,7 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     threads: int | None = opt(None, "torch CPU threads; None: torch's default")
     channels_last: bool = opt(True, "channels-last memory format (faster convolutions)")
-    precision: str = opt("auto", "auto (bf16/fp16 autocast on GPUs and CPUs with AMX, else fp32) | fp32 | bf16 | fp16")
+    precision: str = opt("auto", "auto (bf16/fp16 autocast on GPUs, bf16 on CPUs with AMX or AMD's AVX512-BF16, else fp32) | fp32 | bf16 | fp16")
     compile: bool = opt(False, "torch.compile the encoders (compile time reported separately)")
     knn_every: int = opt(5, "kNN monitor every N epochs (0: only at the end; -1: never)")
     knn_k: int = opt(200, "kNN neighbours")

@@ -58,11 +58,14 @@ def plan(studies: tuple[str, ...] = STUDIES) -> list[Run]:
 
 
 def commit() -> str:
+    """The short commit hash, with "+dirty" when the code (src/, pyproject.toml) differs from it: results
+    files and docs that a measurement itself rewrites do not count."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)src",
+                                ":(top)pyproject.toml"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

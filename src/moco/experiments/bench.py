@@ -7,7 +7,7 @@ throughput
     after a warm-up, the median of several timed windows, for the library's `pretrain` and for the
     reference (`reference.py`: per-image PIL augmentation in DataLoader workers, the official model
     code). Also: model FLOPs per image of a training step, the FLOP/s the library achieves as a
-    fraction of the machine's measured fp32 matmul peak, and peak memory.
+    fraction of the machine's measured matmul peak (fp32, or bf16 under bf16 autocast), and peak memory.
 time-to-accuracy
     kNN top-1 on the test split against training wall-clock time, within a fixed budget, for both;
     evaluation time is excluded from the budget and reported separately.
@@ -47,7 +47,7 @@ from ..errors import ConfigError
 from ..evaluate.features import extract_features
 from ..evaluate.knn import knn_accuracy, pixel_features, plain_knn_accuracy
 from ..model import build_moco
-from ..runtime import resolve_device, seed_everything, synchronize
+from ..runtime import autocast_dtype, resolve_device, seed_everything, synchronize
 from ..train.loop import Data, PretrainResult, load_data, pretrain
 from .ablate import commit
 from .reference import reference_model, train_reference
@@ -241,14 +241,15 @@ def flops_per_image(model: nn.Module, batch: int, channels: int, size: int, devi
     return counter.get_total_flops() / batch
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 20) -> float:
-    """The machine's fp32 matmul FLOP/s as measured here: the fastest of `repeats` (n x n) @ (n x n) products.
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 20) -> float:
+    """The machine's matmul FLOP/s in `dtype` as measured here: the fastest of `repeats` (n x n) @ (n x n)
+    products.
 
     The fastest, not the median: a peak is what the machine can do, and a moment of load elsewhere on a
     shared host would otherwise lower it and inflate every fraction computed from it.
     """
-    a, b = torch.randn(2, n, n, device=device)  # (n, n) each
-    out = torch.empty(n, n, device=device)  # (n, n)
+    a, b = torch.randn(2, n, n, device=device, dtype=dtype)  # (n, n) each
+    out = torch.empty(n, n, device=device, dtype=dtype)  # (n, n)
     for _ in range(3):
         torch.mm(a, b, out=out)
     seconds = []
@@ -304,9 +305,12 @@ def throughput(s: BenchSettings, device: torch.device, echo: Callable[[str], Non
     if s.reference:  # built before any measurement: a config the reference cannot run fails at once
         reference_flops = flops_per_image(reference_model(probe, channels, data.size).to(device), batch, channels,
                                           data.size, device)
-    peak = matmul_peak(device)
-    echo(f"fp32 matmul peak (2048^3, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
-    result: dict[str, Any] = {"matmul_peak_flops": round(peak)}
+    # The peak of the dtype ours computes in: bf16 products under bf16 autocast, fp32 otherwise.
+    dtype = autocast_dtype(probe.run.precision, device) or torch.float32
+    peak_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    peak = matmul_peak(device, dtype)
+    echo(f"{peak_dtype} matmul peak (2048^3, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
+    result: dict[str, Any] = {"matmul_peak_flops": round(peak), "matmul_peak_dtype": peak_dtype}
     if s.reference:  # first: ours changes process-wide settings (runtime.keep_freed_memory) the recipe does not
         reference = measure_reference(s, data, device)
         reference["flops_per_image"] = round(reference_flops)
@@ -535,6 +539,12 @@ def plot_curve(path: Path, entry: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def peak_note(result: dict[str, Any]) -> str:
+    """" bf16" (or " fp16") when the peak is not fp32's: ours computed in that dtype."""
+    dtype = result.get("matmul_peak_dtype", "fp32")
+    return "" if dtype == "fp32" else f" {dtype}"
+
+
 def spread(measured: dict[str, Any]) -> str:
     """Median images/s with the range of the windows, e.g. "2517 (2163-2548)"; a wide range means a busy machine.
     With torch.compile, its time (the first step) follows: "2517 (2163-2548); compile 41.2 s"."""
@@ -563,8 +573,9 @@ def write_table(out: Path) -> Path:
              "settings, such as glibc's malloc options, that the official recipe does not). *Ours* is the library's `pretrain`; the *reference* follows "
              "the official recipe (per-image PIL augmentation in DataLoader workers, the official model code; "
              "`src/moco/experiments/reference.py`). FLOPs per image count one training step (query forward + "
-             "backward, key forward; a multiply-add is 2 FLOPs); the peak is the fastest of 20 2048x2048 fp32 "
-             "`torch.mm` measured in the same process. Peak RSS includes Python, torch and the data set; the reference's workers are "
+             "backward, key forward; a multiply-add is 2 FLOPs); the peak is the fastest of 20 2048x2048 "
+             "`torch.mm` measured in the same process, in the dtype ours computes in (fp32; bf16 marked so, under "
+             "bf16 autocast). Peak RSS includes Python, torch and the data set; the reference's workers are "
              "extra processes. Load is the 1-minute load average before and after each measurement (compare it "
              "with the number of cores).", "",
              "| machine | device, threads | preset, batch | ours img/s | reference img/s | ours / ref | "
@@ -582,7 +593,7 @@ def write_table(out: Path) -> Path:
             f"| {m['cpu']}, {m['cores']} cores | {m['device']}, {m['threads']} | {recipe(st)}, {e['batch_size']} | "
             f"{spread(ours)} | {spread(ref) if ref else '-'} | {str(r['speedup']) + 'x' if ref else '-'} | "
             f"{ours['flops_per_image'] / 1e6:.1f} | {r['achieved_flops'] / 1e9:.1f} "
-            f"({100 * r['fraction_of_peak']:.1f}% of {r['matmul_peak_flops'] / 1e9:.0f}) | {rss} | {load} | "
+            f"({100 * r['fraction_of_peak']:.1f}% of {r['matmul_peak_flops'] / 1e9:.0f}{peak_note(r)}) | {rss} | {load} | "
             f"`{e['commit']}` | {e['date'][:10]} |")
     for e in runs:
         if "profile" in e["result"]:
