@@ -325,8 +325,8 @@ class Trainer:
         """(uint8 images, their indices) of this process for the steps `first`.. of the current epoch.
 
         In memory, the order depends only on (seed, epoch), so a resumed run sees the same batches;
-        process r takes block r of each global batch (its split BN group under shuffling BN). Streamed shards are reshuffled each
-        epoch; a run resumed mid-epoch skips the batches already seen.
+        process r takes block r of each global batch, as split BN's group r would. Streamed shards are
+        reshuffled each epoch; a run resumed mid-epoch skips the batches already seen.
         """
         d, seed = self.cfg.data, self.cfg.run.seed
         train = self.data.train
