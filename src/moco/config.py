@@ -116,8 +116,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # - a stronger colour jitter for the one channel (only brightness and contrast act): +1.2 / +0.8 in
     #   5-epoch runs;
     # - crops of at least 60% of the image instead of 20%, and T=0.1: +1.1 / +1.1 in 5-minute runs
-    #   (`moco bench --mode time-to-accuracy --minutes 5`; crops of 50-70% all gained 0.8-1.0, 35% nothing,
-    #   T=0.1 alone 0.3). Our guess at why: a small crop of a garment shows too little of it to tell a shirt
+    #   (`moco bench --mode time-to-accuracy --minutes 5`; crops of 50% or 70% gained 0.6-1.0, 35% nothing,
+    #   T=0.1 alone 0.3-0.6). Our guess at why: a small crop of a garment shows too little of it to tell a shirt
     #   from a coat.
     "cpu": {"model": dict(temperature=0.1), "data": dict(jitter_strength=0.8, crop_min_scale=0.6)},
     # MoCo v1 (paper, ImageNet): R50, linear head, K=65536, m=0.999, T=0.07, lr 0.03, steps at 120/160.

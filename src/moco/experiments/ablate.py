@@ -17,7 +17,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,14 @@ def plan(studies: tuple[str, ...] = STUDIES) -> list[Run]:
                                                                  "augment": "v1"}))
         runs.append(Run("heads", "v2: mlp, T=0.2, aug+", {"head": "mlp", "temperature": 0.2, "augment": "v2"}))
     return runs
+
+
+def run_key(cfg: C.PretrainConfig) -> str:
+    """What a finished run is matched on: its whole resolved config but the folder it wrote to. A run
+    measured under an earlier CPU preset therefore does not count as done once the preset changes."""
+    settings = asdict(cfg)
+    del settings["run"]["out_dir"]
+    return json.dumps(settings, sort_keys=True)
 
 
 def commit() -> str:
@@ -97,7 +105,7 @@ def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = ST
             "progress": False}
     for i, run in enumerate(plan(studies)):
         cfg = C.apply_overrides(C.preset("cpu"), {**base, **run.overrides, "out_dir": str(out / "runs" / slug(run))})
-        key = json.dumps({**base, **run.overrides}, sort_keys=True)  # what differs from the CPU preset
+        key = run_key(cfg)
         curve_path = out / "curves" / f"{slug(run)}.jsonl"
         if rows.get((run.study, run.name), {}).get("config") == key:
             echo(f"[{i + 1}] {run.study}: {run.name}: done before, kept")
