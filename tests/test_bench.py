@@ -198,7 +198,7 @@ def test_cli_time_to_accuracy_run_records_curves_for_both(tmp_path):
     (entry,) = json.loads(path.read_text())["entries"]
     r = entry["result"]
     names = [p["name"] for p in r["knn_protocols"]]
-    assert names == ["knn_top1", "knn20_top1"]
+    assert names == ["knn_top1", "knn20_top1", "knn5_top1"]
     assert 70 < r["raw_pixels"]["plain_5nn_top1"] < 90  # 1,024 Fashion-MNIST images as the memory
     for impl in ("ours", "reference"):
         curve = r[impl]["curve"]
@@ -207,7 +207,8 @@ def test_cli_time_to_accuracy_run_records_curves_for_both(tmp_path):
         assert 2 <= len(curve) <= 4 and curve[-1]["minutes"] < 0.1 + 0.02  # stops at the first step past the budget
     assert (out / entry["plot"]).is_file()
     table = B.table_path(out).read_text()
-    assert "## Time to accuracy" in table and f"{r['ours']['curve'][0]['knn20_top1']:.2f}%" in table
+    assert "## Time to accuracy" in table and f"{r['ours']['curve'][0]['knn5_top1']:.2f}%" in table
+    assert "ours: minutes, step, k=200 / k=20 / 5-NN |" in table
 
 
 def test_set_changes_the_recipe_and_a_bad_field_is_named(tmp_path, capsys):

@@ -35,6 +35,14 @@ def test_knn_command_prints_the_encoder_and_both_baselines(run_dir, capsys):
     assert all(0 < v <= 100 for v in result.values())
 
 
+def test_knn_command_majority_vote(run_dir, capsys):
+    assert main(["knn", str(run_dir / "checkpoint.pt"), "--k", "5", "--vote", "majority", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    result = rows(out)
+    assert "majority of the 5 cosine-nearest" in out and "top-5" not in out
+    assert len(result) == 3 and all(0 < v <= 100 for v in result.values())
+
+
 def test_lincls_command_prints_the_encoder_and_both_baselines(run_dir, capsys):
     assert main(["lincls", str(run_dir / "checkpoint.pt"), "--epochs", "2", "--lr-steps", "1", "--no-progress",
                  "--batch-size", "1024", "--device", "cpu"]) == 0

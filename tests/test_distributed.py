@@ -5,7 +5,6 @@ computes the same losses, gradients and queue as two processes with batch B each
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,16 +33,12 @@ def batches():
             for _ in range(STEPS)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Two processes on this machine. --standalone binds a free port itself: picking one here and passing it
+    on leaves a window in which a parallel test's launcher can take it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", *args], capture_output=True, text=True, env=env,
+                           "--standalone", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
 
 

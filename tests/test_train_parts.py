@@ -9,7 +9,7 @@ import torch
 
 from moco.config import OptimConfig
 from moco.errors import CheckpointError
-from moco.evaluate.knn import knn_accuracy, knn_scores, plain_knn_accuracy
+from moco.evaluate.knn import knn_accuracy, knn_scores, plain_knn_accuracy, vote_accuracy
 from moco.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from moco.train.observe import LossWatch, MocoWarning, check_collapse, check_queue_size, key_spread
 from moco.train.optim import lr_at, scaled_lr
@@ -175,6 +175,19 @@ def test_plain_knn_is_a_euclidean_majority_vote():
     assert plain_knn_accuracy(train, labels, test, predicted, k, chunk=4) == 100.0
     flipped = (predicted + 1) % 4
     assert plain_knn_accuracy(train, labels, test, flipped, k, chunk=4) == 0.0
+
+
+def test_weighted_and_majority_votes_disagree_where_one_neighbour_is_much_nearer():
+    """One very near neighbour of class 0 and four farther of class 1: exp(sim/t) lets the near one win, one
+    vote each lets the four win."""
+    angles = torch.tensor([0.0, 0.6, -0.6, 0.65, -0.65])  # cos 1.0, then about 0.8 for the four
+    train = torch.stack([angles.cos(), angles.sin()], dim=1)  # (5, 2), unit vectors
+    labels = torch.tensor([0, 1, 1, 1, 1])
+    query, truth = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    assert vote_accuracy(train, labels, query, truth, k=5, t=0.07, vote="weighted")["top1"] == 100.0
+    assert vote_accuracy(train, labels, query, truth, k=5, t=0.07, vote="majority") == {"top1": 0.0}
+    with pytest.raises(ValueError, match="majority"):
+        vote_accuracy(train, labels, query, truth, k=5, t=0.07, vote="mean")
 
 
 def test_precision_auto_is_bf16_only_on_gpus_and_cpus_where_it_pays(monkeypatch):

@@ -111,7 +111,7 @@ def cmd_supervised(args: argparse.Namespace) -> int:
 
 def cmd_knn(args: argparse.Namespace) -> int:
     from .data.augment import EvalTransform
-    from .evaluate.knn import knn_accuracy, knn_eval, pixel_features, reinitialised
+    from .evaluate.knn import knn_eval, pixel_features, reinitialised, vote_accuracy
     from .evaluate.load import load_encoder
     from .runtime import resolve_device
 
@@ -121,17 +121,18 @@ def cmd_knn(args: argparse.Namespace) -> int:
     transform = EvalTransform(args.image_size or encoder.size or train.image_size, encoder.mean, encoder.std)
     def run(backbone):
         return knn_eval(backbone.to(device), (train.images, train.labels), (test.images, test.labels),
-                        transform.to(device), device, args.k, args.t)
+                        transform.to(device), device, args.k, args.t, vote=args.vote)
 
     rows = {f"{args.checkpoint} ({encoder.layout})": run(encoder.backbone)}
     if args.baselines:
-        rows["raw pixels"] = knn_accuracy(pixel_features(train.images), train.labels, pixel_features(test.images),
-                                          test.labels, args.k, args.t)
+        rows["raw pixels"] = vote_accuracy(pixel_features(train.images), train.labels, pixel_features(test.images),
+                                           test.labels, args.k, args.t, args.vote)
         rows["random encoder"] = run(reinitialised(encoder.backbone))
-    print(f"kNN on {test.name} ({len(test)} images; weighted, k={args.k}, t={args.t}; "
-          f"memory bank: {len(train)} images of {train.name})")
+    how = f"weighted, k={args.k}, t={args.t}" if args.vote == "weighted" else f"majority of the {args.k} cosine-nearest"
+    print(f"kNN on {test.name} ({len(test)} images; {how}; memory bank: {len(train)} images of {train.name})")
     for name, acc in rows.items():
-        print(f"  {name:<40} top-1 {acc['top1']:6.2f}%   top-5 {acc['top5']:6.2f}%")
+        top5 = f"   top-5 {acc['top5']:6.2f}%" if "top5" in acc else ""
+        print(f"  {name:<40} top-1 {acc['top1']:6.2f}%{top5}")
     return 0
 
 
@@ -286,11 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("knn", help="weighted kNN accuracy of a checkpoint's frozen features",
                        description="Weighted kNN classification on frozen backbone features: the training split "
-                       "is the memory bank, the test split the queries; neighbours vote with exp(cos/t).",
+                       "is the memory bank, the test split the queries; neighbours vote with exp(cos/t), or one vote "
+                       "each with --vote majority.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_eval_data_flags(p)
     p.add_argument("--k", type=int, default=200, help="neighbours")
     p.add_argument("--t", type=float, default=0.1, help="temperature of the vote weights")
+    p.add_argument("--vote", choices=("weighted", "majority"), default="weighted",
+                   help="weighted: each neighbour adds exp(cos/t) (the monitor); majority: one vote each (textbook "
+                   "kNN, on cosine similarity)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also raw pixels and a randomly initialised encoder of the same architecture")
     p.set_defaults(func=cmd_knn)

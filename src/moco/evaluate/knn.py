@@ -95,11 +95,36 @@ def knn_eval(
     k: int = 200,
     t: float = 0.1,
     channels_last: bool = False,
+    vote: str = "weighted",
 ) -> dict[str, float]:
-    """kNN accuracy of `backbone`: (uint8 images, labels) of the memory bank `train` and of `test`."""
+    """kNN accuracy of `backbone`: (uint8 images, labels) of the memory bank `train` and of `test`.
+
+    `vote` "weighted" is the monitor's exp(sim/t) vote (top-1 and top-5); "majority" the textbook vote
+    of the k cosine-nearest (top-1 only; `t` unused).
+    """
     bank, queries = (extract_features(backbone, x, transform, device, channels_last=channels_last)
                      for x in (train[0], test[0]))
-    return knn_accuracy(bank, train[1], queries, test[1], k, t)
+    return vote_accuracy(bank, train[1], queries, test[1], k, t, vote)
+
+
+def vote_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int,
+    t: float,
+    vote: str,
+) -> dict[str, float]:
+    """knn_accuracy ("weighted") or the majority vote ("majority") of L2-normalised features.
+
+    On unit vectors the Euclidean order is the cosine order, so the majority vote is plain_knn_accuracy's.
+    """
+    if vote == "weighted":
+        return knn_accuracy(train_features, train_labels, test_features, test_labels, k, t)
+    if vote == "majority":
+        return {"top1": plain_knn_accuracy(train_features, train_labels, test_features, test_labels, k)}
+    raise ValueError(f"unknown kNN vote {vote!r}; choose weighted or majority")
 
 
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
