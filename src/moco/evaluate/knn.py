@@ -113,14 +113,17 @@ def vote_accuracy(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     k: int,
-    t: float,
+    t: float | None,
     vote: str,
 ) -> dict[str, float]:
-    """knn_accuracy ("weighted") or the majority vote ("majority") of L2-normalised features.
+    """knn_accuracy ("weighted", temperature `t`) or the majority vote ("majority", `t` unused) of L2-normalised
+    features.
 
     On unit vectors the Euclidean order is the cosine order, so the majority vote is plain_knn_accuracy's.
     """
     if vote == "weighted":
+        if t is None:
+            raise ValueError("a weighted kNN vote needs a temperature t")
         return knn_accuracy(train_features, train_labels, test_features, test_labels, k, t)
     if vote == "majority":
         return {"top1": plain_knn_accuracy(train_features, train_labels, test_features, test_labels, k)}

@@ -45,7 +45,7 @@ from .. import config as C
 from ..data.augment import EvalTransform
 from ..errors import ConfigError
 from ..evaluate.features import extract_features
-from ..evaluate.knn import knn_accuracy, pixel_features, plain_knn_accuracy
+from ..evaluate.knn import pixel_features, plain_knn_accuracy, vote_accuracy
 from ..model import build_moco
 from ..runtime import autocast_dtype, resolve_device, seed_everything, synchronize
 from ..train.loop import Data, PretrainResult, load_data, pretrain
@@ -388,17 +388,14 @@ class Deadline:
 
 # kNN protocols of the time-to-accuracy curves: (name, k, t), on cosine similarity. The first is the training
 # loop's monitor (Wu et al. 2018, the official CIFAR demo); the second DINO's (Caron et al. 2021), which weighs
-# the local neighbourhood more; the third (t None: a plain majority vote of the 5 nearest) is the textbook
-# classifier of the issue's raw-pixel baseline, applied to the features.
+# the local neighbourhood more; the third (t None) textbook kNN, a majority vote of the 5 nearest, the
+# classifier of the usual raw-pixel baseline.
 KNN_PROTOCOLS = (("knn_top1", 200, 0.1), ("knn20_top1", 20, 0.07), ("knn5_top1", 5, None))
 
 
 def knn_protocols(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """Top-1 of every KNN_PROTOCOLS entry, from L2-normalised (features, labels) of the train and test sets.
-
-    On unit vectors the Euclidean order is the cosine order, so the majority vote ranks like the others.
-    """
-    return {name: knn_accuracy(*train, *test, k, t)["top1"] if t is not None else plain_knn_accuracy(*train, *test, k)
+    """Top-1 of every KNN_PROTOCOLS entry, from L2-normalised (features, labels) of the train and test sets."""
+    return {name: vote_accuracy(*train, *test, k, t, "weighted" if t is not None else "majority")["top1"]
             for name, k, t in KNN_PROTOCOLS}
 
 
@@ -430,7 +427,8 @@ def time_to_accuracy(s: BenchSettings, device: torch.device, echo: Callable[[str
     transform = EvalTransform(data.size, data.mean, data.std).to(device)
     pixels = knn_protocols((pixel_features(train.images), train.labels), (pixel_features(test.images), test.labels))
     plain = plain_knn_accuracy(train.images / 255.0, train.labels, test.images / 255.0, test.labels, k=5)
-    echo("raw pixels: " + ", ".join(f"{n} {v:.2f}%" for n, v in pixels.items()) + f", textbook 5-NN (Euclidean) {plain:.2f}%")
+    echo("raw pixels: " + ", ".join(f"{n} {v:.2f}%" for n, v in pixels.items())
+         + f", textbook 5-NN (Euclidean) {plain:.2f}%")
     batch, n_train = probe.data.batch_size, len(train)
     budget = 60 * s.minutes
     result: dict[str, Any] = {"raw_pixels": {**{n: round(v, 2) for n, v in pixels.items()},
@@ -625,9 +623,9 @@ def write_table(out: Path) -> Path:
                   "training-time budget; evaluation time is excluded from the budget. Each run's cosine schedule is "
                   "sized to the epochs it is expected to finish in the budget. kNN protocols on cosine similarity: "
                   "two weighted votes (votes exp(sim/t)), k=200, t=0.1 (the training loop's monitor, as in the "
-                  "official CIFAR demo) and k=20, t=0.07 (DINO's), and 5-NN, a plain majority vote of the 5 nearest "
-                  "(results since 2026-11-29). Raw pixels are scored with each, and with textbook kNN (Euclidean on "
-                  "the unnormalised pixels, majority of the 5 nearest)."]
+                  "official CIFAR demo) and k=20, t=0.07 (DINO's), and 5-NN, a plain majority vote of the 5 "
+                  "nearest (results from commit 04c2f35 on). Raw pixels are scored with each, and with textbook kNN "
+                  "(Euclidean on the unnormalised pixels, majority of the 5 nearest)."]
     for e in curves:
         r = e["result"]
         names = [n for n in ("ours", "reference") if n in r]
