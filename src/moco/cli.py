@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_supervised)
 
-    p = sub.add_parser("knn", help="weighted kNN accuracy of a checkpoint's frozen features",
+    p = sub.add_parser("knn", help="kNN accuracy (weighted or majority vote) of a checkpoint's frozen features",
                        description="Weighted kNN classification on frozen backbone features: the training split "
                        "is the memory bank, the test split the queries; neighbours vote with exp(cos/t), or one vote "
                        "each with --vote majority.",
