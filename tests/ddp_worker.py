@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from test_distributed import batches, make_model
 from torch.nn.parallel import DistributedDataParallel
 
 from moco import distributed as dist
-from test_distributed import STEPS, batches, make_model
 
 
 def main(out: Path) -> None:
@@ -31,8 +31,8 @@ def main(out: Path) -> None:
         torch.distributed.all_reduce(mean)
         record["loss"].append(mean / world)
         record["grads"].append([p.grad.clone() for p in model.encoder_q.parameters()])
-    record["queue"] = model.queue.clone()
-    record["queue_ptr"] = model.queue_ptr.clone()
+    record["queue"] = model.queue.keys.clone()
+    record["queue_ptr"] = model.queue.ptr.clone()
     torch.save(record, out / f"rank{rank}.pt")
     dist.cleanup()
 

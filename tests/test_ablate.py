@@ -1,4 +1,4 @@
-"""`moco ablate` keeps a finished run only while its whole config is unchanged."""
+"""`python -m benchmarks ablate` keeps a finished run only while its whole config is unchanged."""
 
 import json
 from pathlib import Path
@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from benchmarks import ablate as A
 from moco import config as C
-from moco.experiments import ablate as A
 
 
 @pytest.fixture

@@ -415,7 +415,7 @@ def test_presets_follow_the_papers(preset: str, expected: tuple) -> None:
 
 @pytest.mark.parametrize(("preset", "hue"), [("v1", 0.4), ("v2", 0.1)])
 def test_jitter_strength_sets_brightness_contrast_saturation(preset: str, hue: float) -> None:
-    from moco.experiments.reference import reference_transform
+    from benchmarks.reference import reference_transform
 
     assert build_augment(preset, 32, [0.5], [0.2], jitter_strength=0.8).jitter == (0.8, 0.8, 0.8, hue)
     (jitter,) = [t for t in _flatten(reference_transform(preset, 32, [0.5], [0.2], jitter_strength=0.8).transforms)

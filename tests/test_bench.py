@@ -1,4 +1,4 @@
-"""`moco bench`: the reference is faithful, FLOPs are counted sensibly, results files drive the table."""
+"""`python -m benchmarks bench`: the reference is faithful, FLOPs are counted sensibly, results files drive the table."""
 
 import copy
 import json
@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import bench as B
+from benchmarks.__main__ import main
+from benchmarks.reference import FoldedSplitBatchNorm2d, ReferenceMoCo, reference_model
 from moco import config as C
-from moco.cli import main
-from moco.experiments import bench as B
-from moco.experiments.reference import FoldedSplitBatchNorm2d, ReferenceMoCo, reference_model
-from moco.model import SplitBatchNorm2d, build_moco
+from moco.model import SplitBatchNorm2d, build_method
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 BATCH, QUEUE = 16, 64  # the queue wraps around after 4 steps
@@ -36,11 +36,11 @@ def test_reference_matches_library_over_steps(shuffle_bn, bn_splits):
     whole-batch BN (the unshuffle must put every key back in front of its query).
     """
     cfg = small_config(shuffle_bn, bn_splits)
-    ours = build_moco(cfg.model, 1, 28)
+    ours = build_method(cfg.model, 1, 28)
     ref = ReferenceMoCo(copy.deepcopy(ours.encoder_q), cfg.model.dim, QUEUE, cfg.model.key_momentum,
                         cfg.model.temperature, shuffle_bn)
     with torch.no_grad():
-        ref.queue.copy_(ours.queue.T)  # (dim, K) <- (K, dim)
+        ref.queue.copy_(ours.queue.keys.T)  # (dim, K) <- (K, dim)
     opt_ours = torch.optim.SGD(ours.encoder_q.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
     for step in range(6):
@@ -53,8 +53,8 @@ def test_reference_matches_library_over_steps(shuffle_bn, bn_splits):
             opt.zero_grad()
             F.cross_entropy(out, labels).backward()
             opt.step()
-        torch.testing.assert_close(ref.queue.T, ours.queue, rtol=1e-5, atol=1e-5)
-        assert int(ref.queue_ptr) == int(ours.queue_ptr) == (step + 1) * BATCH % QUEUE
+        torch.testing.assert_close(ref.queue.T, ours.queue.keys, rtol=1e-5, atol=1e-5)
+        assert int(ref.queue_ptr) == int(ours.queue.ptr) == (step + 1) * BATCH % QUEUE
         for p_ref, p_ours in zip(ref.encoder_k.parameters(), ours.encoder_k.parameters(), strict=True):
             torch.testing.assert_close(p_ref, p_ours, rtol=1e-5, atol=1e-5)
         for p_ref, p_ours in zip(ref.encoder_q.parameters(), ours.encoder_q.parameters(), strict=True):
@@ -80,14 +80,14 @@ def test_reference_needs_batch_dividing_queue():
     cfg = C.apply_overrides(small_config(True), {"queue_size": 72})
     with pytest.raises(C.ConfigError, match="multiple of batch_size"):
         reference_model(cfg, 1, 28)
-    ref = ReferenceMoCo(build_moco(cfg.model, 1, 28).encoder_q, 16, K=72, shuffle_bn=False)
+    ref = ReferenceMoCo(build_method(cfg.model, 1, 28).encoder_q, 16, K=72, shuffle_bn=False)
     with pytest.raises(AssertionError, match="multiple of the batch"):
         ref(*torch.randn(2, BATCH, 1, 28, 28))
 
 
 def test_flops_plausible_equal_and_linear_in_batch():
     cfg = small_config(True)
-    ours = build_moco(cfg.model, 1, 28)
+    ours = build_method(cfg.model, 1, 28)
     per_image = {b: B.flops_per_image(ours, b, 1, 28, torch.device("cpu")) for b in (8, 16)}
     assert per_image[8] > 0 and per_image[8] == pytest.approx(per_image[16], rel=1e-9)
     # One step is a query forward (F), its backward (< 2F: no input gradient at the first layer), a key
@@ -98,7 +98,7 @@ def test_flops_plausible_equal_and_linear_in_batch():
     logits = 4 * cfg.model.dim * QUEUE
     assert 3 * forward + logits < per_image[8] <= 4 * forward + logits + 4 * cfg.model.dim
     # The model state is untouched: counting works on a copy.
-    assert int(ours.queue_ptr) == 0
+    assert int(ours.queue.ptr) == 0
     reference = B.flops_per_image(reference_model(cfg, 1, 28), 8, 1, 28, torch.device("cpu"))
     assert reference == pytest.approx(per_image[8], rel=1e-3)  # the same architecture and head
 
@@ -149,7 +149,7 @@ def test_cli_throughput_run_writes_results_and_table(cli_run):
     assert r["ours"]["flops_per_image"] > 0 and 0 < r["fraction_of_peak"] < 1
     assert r["ours"]["peak_rss_mib"] > 0
     assert entry["machine"]["threads"] == 1 and entry["machine"]["slug"] in path.name
-    assert entry["command"].startswith("moco bench --mode throughput --preset smoke")
+    assert entry["command"].startswith("python -m benchmarks bench --mode throughput --preset smoke")
     table = B.table_path(cli_run).read_text()
     assert f"| {r['ours']['img_s']:.0f} (" in table and entry["commit"] in table
 

@@ -5,7 +5,7 @@ import pytest
 
 from moco import config as C
 from moco.cli import main
-from moco.train.loop import pretrain
+from moco.pipeline import pretrain
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,13 @@
 import pytest
 
 from moco import config as C
-from moco.cli import build_parser, resolve_pretrain_config
+from moco.cli import build_parser
+from moco.cli.pretrain import resolve_pretrain_config
 from moco.errors import ConfigError
 
 
 def parse(*argv):
-    return resolve_pretrain_config(build_parser().parse_args(["pretrain", *argv]))
+    return resolve_pretrain_config(build_parser(["pretrain", *argv]).parse_args(["pretrain", *argv]))
 
 
 def test_every_preset_is_valid_and_the_papers_recipes_are_right():
@@ -49,16 +50,43 @@ def test_flat_yaml_fields_and_optional_values(tmp_path):
         (["--arch", "vgg"], "choose one of small_cnn, resnet18"),
         (["--dataset", "imagenet"], "choose one of fashion-mnist"),
         (["--batch-size", "100"], "multiple of bn_splits=8"),
-        (["--lr", "abc"], "lr must be of type float"),
         (["--epochs", "0"], "epochs must be >= 1"),
         (["--dataset", "folder"], "needs data_root"),
         (["--device", "tpu"], "device='tpu' is unknown"),
         (["--warmup-epochs", "25"], "warmup_epochs"),
+        (["--method", "simclr"], "method='simclr' is unknown; choose one of moco, end_to_end, memory_bank"),
+        (["--method", "end_to_end", "--symmetric"], "symmetric loss is not implemented for method=end_to_end"),
+        (["--precision", "fp8"], "precision='fp8' is unknown"),
     ],
 )
 def test_configs_that_cannot_work_are_rejected_naming_the_field(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse(*argv)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "abc"], "argument --lr: lr must be of type float, got 'abc'"),
+    (["--temperature", "inf"], "argument --temperature: temperature must be a finite number, got 'inf'"),
+    (["--lr-steps", "x"], "argument --lr-steps: lr_steps must be of type int, got 'x'"),
+])
+def test_a_bad_flag_value_is_one_line_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("moco pretrain: error: " + message) and "see moco pretrain --help" in err
+
+
+def test_help_shows_the_defaults_of_the_chosen_preset(capsys):
+    with pytest.raises(SystemExit):
+        build_parser(["pretrain", "--help"]).parse_args(["pretrain", "--help"])
+    cpu = capsys.readouterr().out
+    assert "softmax temperature (default: 0.1)" in " ".join(cpu.split())  # the cpu preset's T, not the field's 0.2
+    argv = ["pretrain", "--preset", "v1", "--help"]
+    with pytest.raises(SystemExit):
+        build_parser(argv).parse_args(argv)
+    v1 = " ".join(capsys.readouterr().out.split())
+    assert "softmax temperature (default: 0.07)" in v1 and "(default: resnet50)" in v1
 
 
 def test_unknown_fields_and_presets_and_bad_yaml(tmp_path):
@@ -90,7 +118,6 @@ def test_config_round_trips_through_a_dict():
 
 
 def test_every_config_field_has_a_flag_with_help():
-    helps = {a.dest: a.help for g in build_parser()._subparsers._group_actions[0].choices["pretrain"]._actions
-             for a in [g]}
+    helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["pretrain"]._actions}
     for _, f, _ in C.all_fields():
         assert f.name in helps and len(helps[f.name]) > 15, f.name

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco.checkpoints import load_checkpoint
 from moco.model import MoCo, convert_split_bn
-from moco.train.checkpoint import load_checkpoint
 
 STEPS, B = 3, 8  # per-process batch B, global batch 2B
 HERE = Path(__file__).parent
@@ -62,7 +62,7 @@ def test_two_processes_equal_one_process_with_split_bn(tmp_path):
                 assert torch.allclose(g_ddp, p.grad, atol=1e-5), step
     # Every process holds the same queue, and it is the single process's queue.
     assert torch.equal(ranks[0]["queue"], ranks[1]["queue"]) and int(ranks[0]["queue_ptr"]) == STEPS * 2 * B
-    assert torch.allclose(ranks[0]["queue"], model.queue, atol=1e-5)
+    assert torch.allclose(ranks[0]["queue"], model.queue.keys, atol=1e-5)
 
 
 def test_torchrun_pretraining_and_resume_with_another_number_of_processes(tmp_path):
@@ -75,7 +75,7 @@ def test_torchrun_pretraining_and_resume_with_another_number_of_processes(tmp_pa
     assert "2 processes, 32 images each a step" in r.stdout
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["epoch"] == 1 and state["step"] == 8 and len(state["rng"]) == 2
-    assert int(state["model"]["queue_ptr"]) == (8 * 64) % 256
+    assert int(state["model"]["queue.ptr"]) == (8 * 64) % 256
     # The same global batch on one process continues the run.
     r = subprocess.run([sys.executable, "-m", "moco", "pretrain", *common, "--epochs", "2", "--resume", "auto"],
                        capture_output=True, text=True, timeout=600)

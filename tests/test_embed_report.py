@@ -14,15 +14,16 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from moco import config as C
+from moco.checkpoints import load_encoder
 from moco.data.augment import EvalTransform
 from moco.data.sources import load_images
 from moco.errors import ConfigError, DataError
 from moco.evaluate import embed as embed_module
-from moco.evaluate.embed import embed
+from moco.evaluate.data import EvalConfig
+from moco.evaluate.embed import EmbedConfig, embed
 from moco.evaluate.features import extract_features
-from moco.evaluate.load import load_encoder
-from moco.evaluate.report import read_metrics, report
-from moco.train.loop import pretrain
+from moco.evaluate.report import ReportConfig, read_metrics, report
+from moco.pipeline import pretrain
 
 TINY_MODEL = dict(width=4, dim=16, queue_size=256, bn_splits=4)
 PNGS = ["a/img_1.png", "a/img_10.png", "a/sub/deep.png", "b/img_0.png", "b/img_2.png"]  # the loader's order
@@ -51,7 +52,13 @@ def run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def made_report(run) -> tuple[Path, list[str]]:
     lines: list[str] = []
-    return report(run, tsne_points=300, queries=4, neighbours=5, echo=lines.append), lines
+    return report(run, ReportConfig(tsne_points=300, queries=4, neighbours=5), echo=lines.append), lines
+
+
+def embed_images(checkpoint, dataset, root, split, out, echo=print, **options) -> Path:
+    """`embed` of `dataset` (its `root`) split `split` into `out`; `options` are EmbedConfig fields."""
+    return embed(checkpoint, out, EvalConfig(dataset=dataset, data_root=root), EmbedConfig(split=split, **options),
+                 echo)
 
 
 def _write_pngs(root: Path, names: list[str], rgb: bool = False, seed: int = 0) -> list[np.ndarray]:
@@ -83,7 +90,7 @@ def test_embed_folder_rows_follow_the_file_list_and_match_extract_features(run, 
     checkpoint = run / "checkpoint.pt"
 
     with pytest.warns(UserWarning, match="unreadable"):
-        out = embed(checkpoint, "folder", str(root), "train", tmp_path / "out" / "feats.npy", echo=lambda s: None)
+        out = embed_images(checkpoint, "folder", str(root), "train", tmp_path / "out" / "feats.npy", echo=lambda s: None)
 
     assert out == tmp_path / "out" / "feats.npy"
     assert (tmp_path / "out" / "feats.files.txt").read_text().splitlines() == PNGS
@@ -97,7 +104,7 @@ def test_embed_folder_rows_follow_the_file_list_and_match_extract_features(run, 
     assert not list((tmp_path / "out").glob("*.tmp"))
 
     with pytest.warns(UserWarning, match="unreadable"):
-        st = embed(checkpoint, "folder", root, "train", tmp_path / "feats.safetensors", echo=lambda s: None)
+        st = embed_images(checkpoint, "folder", root, "train", tmp_path / "feats.safetensors", echo=lambda s: None)
     tensors = load_file(st)
     np.testing.assert_array_equal(tensors["features"], features)
     np.testing.assert_array_equal(tensors["labels"], [0, 0, 0, 1, 1])
@@ -125,8 +132,8 @@ def test_embed_unnormalised_features_are_the_raw_backbone_outputs(run, tmp_path)
     _write_pngs(tmp_path / "pics", ["1.png", "2.png", "3.png"])
     kwargs = dict(checkpoint=run / "checkpoint.pt", dataset="folder", root=str(tmp_path / "pics"), split="train",
                   echo=lambda s: None)
-    unit = np.load(embed(out=tmp_path / "unit.npy", **kwargs))
-    raw = np.load(embed(out=tmp_path / "raw.npy", normalize=False, batch_size=2, **kwargs))
+    unit = np.load(embed_images(out=tmp_path / "unit.npy", **kwargs))
+    raw = np.load(embed_images(out=tmp_path / "raw.npy", normalize=False, batch_size=2, **kwargs))
     norms = np.linalg.norm(raw, axis=1, keepdims=True)
     assert not np.allclose(norms, 1.0)
     np.testing.assert_allclose(raw / norms, unit, atol=1e-5)
@@ -135,7 +142,7 @@ def test_embed_unnormalised_features_are_the_raw_backbone_outputs(run, tmp_path)
 
 def test_embed_named_split_saves_labels_and_indexed_names(run, tmp_path):
     messages: list[str] = []
-    out = embed(run / "checkpoint.pt", "fashion-mnist", None, "val", tmp_path / "test.npy", echo=messages.append)
+    out = embed_images(run / "checkpoint.pt", "fashion-mnist", None, "val", tmp_path / "test.npy", echo=messages.append)
     test = load_images("fashion-mnist", "test")
     features = np.load(out)
     assert features.shape[0] == len(test) == 10_000
@@ -150,10 +157,10 @@ def test_embed_named_split_saves_labels_and_indexed_names(run, tmp_path):
 
 def test_embed_rejects_unknown_formats_and_mismatched_channels(run, tmp_path):
     with pytest.raises(ConfigError, match=r"\.npy.*\.safetensors"):
-        embed(run / "checkpoint.pt", "fashion-mnist", None, "test", tmp_path / "feats.pt", echo=lambda s: None)
+        embed_images(run / "checkpoint.pt", "fashion-mnist", None, "test", tmp_path / "feats.pt", echo=lambda s: None)
     _write_pngs(tmp_path / "colour", ["1.png", "2.png"], rgb=True)
-    with pytest.raises(DataError, match="3-channel.*1 channels"):
-        embed(run / "checkpoint.pt", "folder", str(tmp_path / "colour"), "train", tmp_path / "f.npy",
+    with pytest.raises(DataError, match="3-channel images but the encoder .* takes 1"):
+        embed_images(run / "checkpoint.pt", "folder", str(tmp_path / "colour"), "train", tmp_path / "f.npy",
               echo=lambda s: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["colour"]
 
@@ -161,7 +168,7 @@ def test_embed_rejects_unknown_formats_and_mismatched_channels(run, tmp_path):
 def test_embed_failing_write_keeps_the_previous_file(run, tmp_path, monkeypatch):
     _write_pngs(tmp_path / "pics", ["1.png", "2.png"])
     args = (run / "checkpoint.pt", "folder", str(tmp_path / "pics"), "train", tmp_path / "f.safetensors")
-    before = embed(*args, echo=lambda s: None).read_bytes()
+    before = embed_images(*args, echo=lambda s: None).read_bytes()
 
     def broken_save(tensors, path, metadata):
         Path(path).write_bytes(b"partial")
@@ -169,7 +176,7 @@ def test_embed_failing_write_keeps_the_previous_file(run, tmp_path, monkeypatch)
 
     monkeypatch.setattr(embed_module, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        embed(*args, echo=lambda s: None)
+        embed_images(*args, echo=lambda s: None)
     assert (tmp_path / "f.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors", "pics"]
 
@@ -228,7 +235,7 @@ def test_report_of_a_run_without_labelled_test_split_notes_why(tmp_path):
     assert "kNN top-1" not in page  # no kNN monitor without labels: no kNN plot or column
 
     (run / "checkpoint.pt").unlink()
-    md_path = report(run, out=tmp_path / "elsewhere", echo=lambda s: None).with_name("report.md")
+    md_path = report(run, ReportConfig(out=str(tmp_path / "elsewhere")), echo=lambda s: None).with_name("report.md")
     assert md_path.parent == tmp_path / "elsewhere" and "no checkpoint.pt" in md_path.read_text()
 
 
@@ -244,7 +251,7 @@ def test_report_errors_name_what_is_missing(tmp_path):
     with pytest.raises(DataError, match="no training metrics"):
         report(tmp_path, echo=lambda s: None)
     with pytest.raises(ConfigError, match="neighbours"):
-        report(tmp_path, neighbours=0, echo=lambda s: None)
+        report(tmp_path, ReportConfig(neighbours=0), echo=lambda s: None)
     assert not (tmp_path / "report").exists()
 
 

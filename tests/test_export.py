@@ -1,6 +1,5 @@
 """`moco export`: every format round-trips into its target, Detectron2 names follow the official converter."""
 
-import argparse
 import json
 import pickle
 import sys
@@ -16,19 +15,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from moco import config as C
-from moco.errors import ConfigError
-from moco.evaluate.load import load_encoder
+from moco.checkpoints import load_encoder, read_safetensors
+from moco.cli import main
+from moco.errors import ConfigError, MissingExtra
 from moco.model.backbones import resnet
-from moco.train.loop import pretrain
-from moco.transfer import FORMATS, ExportCheckError, export_encoder, read_safetensors
+from moco.pipeline import pretrain
+from moco.transfer import FORMATS, ExportCheckError, export_encoder
 from moco.transfer import export as export_module
-from moco.transfer.export import (
-    RESNET_STRUCTURE,
-    add_export_parser,
-    detectron2_name,
-    detectron2_names,
-    torchvision_name,
-)
+from moco.transfer.export import RESNET_STRUCTURE, detectron2_name, detectron2_names, torchvision_name
 
 MLP_HEAD = {"fc.0.weight": torch.randn(512, 512), "fc.0.bias": torch.zeros(512), "fc.2.weight": torch.randn(128, 512),
             "fc.2.bias": torch.zeros(128)}
@@ -231,7 +225,7 @@ def test_bad_requests_are_config_errors(tmp_path, official, monkeypatch):
     with pytest.raises(ConfigError, match="checkpoint itself"):
         export_encoder(official[0], "torchvision", official[0])
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
-    with pytest.raises(ConfigError, match="pip install timm"):
+    with pytest.raises(MissingExtra, match=r"pip install 'momentum-contrast\[timm\]'"):
         export_encoder(official[0], "timm", tmp_path / "x.pth")
     assert not any(tmp_path.iterdir())
 
@@ -252,12 +246,9 @@ def test_a_failed_check_writes_nothing_and_keeps_the_previous_file(tmp_path, off
 
 
 def test_command_line(tmp_path, official, capsys):
-    parser = argparse.ArgumentParser(prog="moco")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "r18.pkl"
-    args = parser.parse_args(["export", str(official[0]), "--format", "detectron2", "--out", str(out)])
-    assert args.func(args) == 0 and out.is_file()
+    assert main(["export", str(official[0]), "--format", "detectron2", "--out", str(out)]) == 0 and out.is_file()
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "MODEL.RESNETS.STRIDE_IN_1X1 False" in printed
     with pytest.raises(SystemExit):
-        parser.parse_args(["export", str(official[0]), "--format", "onnx", "--out", str(out)])
+        main(["export", str(official[0]), "--format", "onnx", "--out", str(out)])

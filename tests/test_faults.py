@@ -17,11 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moco import config as C
+from moco.checkpoints import load_checkpoint, save_checkpoint
 from moco.cli import main
-from moco.errors import CheckpointError, ConfigError
-from moco.train import loop
-from moco.train.checkpoint import load_checkpoint, save_checkpoint
-from moco.train.loop import NonFiniteLoss, OutOfMemory, pretrain
+from moco.errors import ConfigError, DiskFull, NonFiniteLoss, OutOfMemory
+from moco.model.base import Method
+from moco.pipeline import pretrain
+from moco.train.setup import check_pretrain_config
+from moco.train.trainer import Trainer
 
 ARGS = ["pretrain", "--preset", "smoke", "--width", "4", "--dim", "16", "--queue-size", "256", "--bn-splits", "4",
         "--batch-size", "64", "--train-subset", "1024", "--epochs", "3", "--threads", "1", "--knn-every", "-1",
@@ -31,15 +33,16 @@ ARGS = ["pretrain", "--preset", "smoke", "--width", "4", "--dim", "16", "--queue
 # (after the temporary file is written, before the rename) and leave a marker, so a test can kill it there.
 CHILD = """
 import os, sys, time
-import moco.train.checkpoint as ck
+import moco.files
 slow = os.environ.get("MOCO_SLOW_SAVE")
 if slow:
     real_fsync = os.fsync
     def fsync(fd):
         real_fsync(fd)
-        open(slow, "a").write("in-save\\n")
-        time.sleep(3)
-    ck.os.fsync = fsync
+        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):  # a checkpoint's temporary file
+            open(slow, "a").write("in-save\\n")
+            time.sleep(3)
+    moco.files.os.fsync = fsync
 from moco.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -127,15 +130,15 @@ def tiny(tmp_path, **run) -> C.PretrainConfig:
 
 def nan_loss_at(monkeypatch, bad_steps: set[int]) -> None:
     """Plant a NaN in the loss of the given (1-based) steps."""
-    real = loop.F.cross_entropy
+    real = Method.loss
     calls = {"n": 0}
 
-    def cross_entropy(logits, labels):
+    def loss(self, logits, labels):
         calls["n"] += 1
-        loss = real(logits, labels)
-        return loss * float("nan") if calls["n"] in bad_steps else loss
+        value = real(self, logits, labels)
+        return value * float("nan") if calls["n"] in bad_steps else value
 
-    monkeypatch.setattr(loop.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(Method, "loss", loss)
 
 
 def test_a_nan_in_the_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -164,21 +167,21 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match="the disk is full.*previous checkpoint.pt is intact"):
+    with pytest.raises(DiskFull, match="the disk is full.*previous checkpoint.pt is intact"):
         save_checkpoint({"step": 2}, tmp_path / "checkpoint.pt")
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
 
 
 def test_out_of_memory_names_the_largest_batch_that_fits(tmp_path, monkeypatch):
-    real = loop.Trainer._train_step
+    real = Trainer._train_step
 
     def limited(self, images, idx):
         if len(images) > 16:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
         return real(self, images, idx)
 
-    monkeypatch.setattr(loop.Trainer, "_train_step", limited)
+    monkeypatch.setattr(Trainer, "_train_step", limited)
     with pytest.raises(OutOfMemory, match="batch of 64; the largest batch that fits is about 16"):
         pretrain(tiny(tmp_path), baselines=False, echo=lambda s: None)
 
@@ -192,7 +195,7 @@ values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floa
 @given(st.dictionaries(st.sampled_from(sorted(FIELDS)), values, max_size=4))
 def test_random_config_values_are_accepted_or_rejected_clearly(overrides):
     try:
-        cfg = C.validate(C.apply_overrides(C.preset("cpu"), overrides))
+        cfg = check_pretrain_config(C.apply_overrides(C.preset("cpu"), overrides))
     except ConfigError as e:
         assert str(e)
         return

@@ -5,9 +5,9 @@ import torch
 import torchvision
 
 from moco import config as C
+from moco.checkpoints import load_encoder
 from moco.errors import CheckpointError
-from moco.evaluate.load import load_encoder
-from moco.train.loop import pretrain
+from moco.pipeline import pretrain
 
 
 def official(tmp_path, prefix: str, head: dict, arch: str = "resnet18", **extra):
@@ -75,6 +75,6 @@ def test_supervised_baseline_trains_and_loads_like_an_encoder(tmp_path):
     for name, value in enc.backbone.state_dict().items():
         assert torch.equal(value, state["model"][f"0.{name}"])
     with pytest.raises(CheckpointError, match="not a momentum-contrast moco-pretrain checkpoint"):
-        from moco.train.checkpoint import load_checkpoint
+        from moco.checkpoints import load_checkpoint
 
         load_checkpoint(path)

@@ -7,7 +7,7 @@ from torch import nn
 
 from moco.config import ModelConfig
 from moco.errors import ConfigError
-from moco.model import EndToEnd, MemoryBank, MoCo, build_moco
+from moco.model import EndToEnd, MemoryBank, MoCo, build_method
 
 
 def encoder():
@@ -79,13 +79,13 @@ def test_memory_bank_negatives_are_sampled_from_the_bank():
     possible = (q @ before.T)[0]  # (5,): every row of the bank as it was when sampled
     for v in logits[0, 1:]:
         assert torch.isclose(v, possible, atol=1e-5).any()
-    assert bank.uses_key_view is False
+    assert bank.needs_key_view is False
 
 
 def test_build_picks_the_mechanism_and_rejects_bad_ones():
     cfg = ModelConfig(width=4, dim=8, queue_size=16, bn_splits=1)
-    assert isinstance(build_moco(ModelConfig(**{**vars(cfg), "mechanism": "end_to_end"}), 1, 8), EndToEnd)
-    mb = build_moco(ModelConfig(**{**vars(cfg), "mechanism": "memory_bank"}), 1, 8, num_images=100)
+    assert isinstance(build_method(ModelConfig(**{**vars(cfg), "method": "end_to_end"}), 1, 8), EndToEnd)
+    mb = build_method(ModelConfig(**{**vars(cfg), "method": "memory_bank"}), 1, 8, num_images=100)
     assert isinstance(mb, MemoryBank) and mb.bank.shape == (100, 8)
     with pytest.raises(ConfigError, match="number of images"):
         MemoryBank(encoder(), dim=4, num_images=5, K=6)

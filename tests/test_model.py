@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco.config import ModelConfig
 from moco.errors import ConfigError
 from moco.model import MoCo, SmallCNN, SplitBatchNorm2d, build_encoder, convert_split_bn
-from moco.config import ModelConfig
 
 
 class Linear(nn.Module):
@@ -32,20 +32,20 @@ def test_queue_is_fifo_and_wraps_with_a_partial_batch():
     model = tiny_moco(K=5, dim=2)
     batches = [torch.full((2, 2), float(i)) for i in (1, 2, 3)] + [torch.full((1, 2), 4.0)]
     for b in batches:
-        model.enqueue(b)
+        model.queue.push(b)
     # 1,1 | 2,2 | 3 then wrap: 3 | 4 -> rows [3, 4, 2, 2, 3]? Trace: ptr 0 -> 2 -> 4 -> (4,0) -> 1 -> 2
-    assert model.queue[:, 0].tolist() == [3.0, 4.0, 2.0, 2.0, 3.0]
-    assert int(model.queue_ptr) == 2
+    assert model.queue.keys[:, 0].tolist() == [3.0, 4.0, 2.0, 2.0, 3.0]
+    assert int(model.queue.ptr) == 2
     # The oldest entries (index 2, 3: batch "2") go next.
-    model.enqueue(torch.full((3, 2), 5.0))
-    assert model.queue[:, 0].tolist() == [3.0, 4.0, 5.0, 5.0, 5.0]
-    assert int(model.queue_ptr) == 0
+    model.queue.push(torch.full((3, 2), 5.0))
+    assert model.queue.keys[:, 0].tolist() == [3.0, 4.0, 5.0, 5.0, 5.0]
+    assert int(model.queue.ptr) == 0
 
 
 def test_a_batch_larger_than_the_queue_is_refused():
     model = tiny_moco(K=4)
     with pytest.raises(ConfigError, match="K=4"):
-        model.enqueue(torch.zeros(5, 4))
+        model.queue.push(torch.zeros(5, 4))
 
 
 def test_momentum_update_matches_hand_computation():
@@ -80,14 +80,14 @@ def test_momentum_update_happens_before_the_keys():
     x = torch.randn(3, 6)
     model(x, x)
     expected = F.normalize(0.5 * model.encoder_q(x), dim=1)  # keys of the updated (half) key encoder
-    k_ptr = model.queue[:3]
+    k_ptr = model.queue.keys[:3]
     assert torch.allclose(k_ptr, expected.detach(), atol=1e-6)
 
 
 def test_infonce_logits_match_hand_computation():
     model = tiny_moco(K=3, dim=2, T=0.5, shuffle_bn=False)
     with torch.no_grad():
-        model.queue.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+        model.queue.keys.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
     q = torch.tensor([[0.6, 0.8]])
     k = torch.tensor([[0.0, 1.0]])
     logits = model.logits(q, k)
@@ -99,7 +99,7 @@ def test_infonce_logits_match_hand_computation():
 
 def test_forward_returns_logits_labels_and_enqueues_the_keys():
     model = tiny_moco(K=8, dim=4, T=0.2, shuffle_bn=False)
-    queue_before = model.queue.clone()
+    queue_before = model.queue.keys.clone()
     x_q, x_k = torch.randn(3, 6), torch.randn(3, 6)
     logits, labels = model(x_q, x_k)
     assert logits.shape == (3, 9) and labels.tolist() == [0, 0, 0]
@@ -108,8 +108,8 @@ def test_forward_returns_logits_labels_and_enqueues_the_keys():
     assert torch.allclose(logits[:, 0], (q * k).sum(1) / 0.2, atol=1e-5)
     # The negatives are the queue as it was before this batch's keys went in.
     assert torch.allclose(logits[:, 1:], q @ queue_before.T / 0.2, atol=1e-5)
-    assert torch.allclose(model.queue[:3], k, atol=1e-6)
-    assert torch.allclose(model.queue.norm(dim=1), torch.ones(8))
+    assert torch.allclose(model.queue.keys[:3], k, atol=1e-6)
+    assert torch.allclose(model.queue.keys.norm(dim=1), torch.ones(8))
 
 
 def test_no_gradient_reaches_the_key_encoder_or_the_queue():
@@ -118,7 +118,7 @@ def test_no_gradient_reaches_the_key_encoder_or_the_queue():
     F.cross_entropy(logits, labels).backward()
     assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_q.parameters())
-    assert not model.queue.requires_grad
+    assert not model.queue.keys.requires_grad
 
 
 def test_symmetric_loss_uses_both_views_and_enqueues_once():
@@ -126,7 +126,7 @@ def test_symmetric_loss_uses_both_views_and_enqueues_once():
     x1, x2 = torch.randn(3, 6), torch.randn(3, 6)
     logits, labels = model(x1, x2)
     assert logits.shape == (6, 9) and labels.shape == (6,)
-    assert int(model.queue_ptr) == 6  # one enqueue of both views' keys
+    assert int(model.queue.ptr) == 6  # one enqueue of both views' keys
     q2 = F.normalize(model.encoder_q(x2), dim=1)
     k1 = F.normalize(model.encoder_k(x1), dim=1)
     assert torch.allclose(logits[3:, 0], (q2 * k1).sum(1) / model.T, atol=1e-5)
@@ -278,7 +278,8 @@ def test_a_user_backbone_with_a_wrong_output_is_explained():
         build_encoder(ModelConfig(), 3, 16, backbone=nn.Conv2d(3, 5, 3))
 
 
-@pytest.mark.parametrize("kw,match", [(dict(K=0), "K"), (dict(m=1.0), "momentum"), (dict(T=0.0), "temperature")])
+@pytest.mark.parametrize("kw,match", [(dict(K=0), "K"), (dict(m=1.0), "momentum"), (dict(T=0.0), "temperature"),
+                                      (dict(T=float("inf")), "finite")])
 def test_bad_hyper_parameters_are_refused(kw, match):
     with pytest.raises(ConfigError, match=match):
         tiny_moco(**kw)

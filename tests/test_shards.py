@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_distributed import torchrun
 
 from moco import config as C
 from moco.cli import main
-from moco.data.shards import ShardStream, write_shards
+from moco.data.shards import ShardConfig, ShardStream, write_shards
 from moco.data.sources import load_images
 from moco.errors import DataError
-from moco.train.loop import pretrain
-from test_distributed import torchrun
+from moco.pipeline import pretrain
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def folder(tmp_path_factory) -> Path:
 def shards(folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        write_shards(folder, out, image_size=28, shard_size=300, echo=lambda s: None)
+        write_shards(folder, out, ShardConfig(image_size=28, shard_size=300), echo=lambda s: None)
     return out / "shards.json"
 
 

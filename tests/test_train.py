@@ -5,7 +5,6 @@ import math
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -13,9 +12,10 @@ import torch
 from PIL import Image
 
 from moco import config as C
+from moco.checkpoints import load_checkpoint
 from moco.cli import main
-from moco.train.checkpoint import load_checkpoint
-from moco.train.loop import pretrain
+from moco.errors import ConfigError
+from moco.pipeline import pretrain
 
 
 def tiny(tmp_path, **overrides) -> C.PretrainConfig:
@@ -72,7 +72,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 
     assert resumed["epoch"] == full["epoch"] == 3 and resumed["step"] == full["step"]
     for name, value in full["model"].items():
-        assert torch.equal(value, resumed["model"][name]), name  # both encoders, queue, queue_ptr
+        assert torch.equal(value, resumed["model"][name]), name  # both encoders, the queue and its pointer
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
@@ -83,9 +83,9 @@ def test_checkpoint_holds_everything_and_the_config(tmp_path):
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert C.from_dict(state["config"]) == cfg
     keys = state["model"].keys()
-    assert {"queue", "queue_ptr"} <= keys
+    assert {"queue.keys", "queue.ptr"} <= keys
     assert any(k.startswith("encoder_q.backbone.") for k in keys) and any(k.startswith("encoder_k.head.") for k in keys)
-    assert state["model"]["queue"].shape == (256, 32) and int(state["model"]["queue_ptr"]) == (8 * 64) % 256
+    assert state["model"]["queue.keys"].shape == (256, 32) and int(state["model"]["queue.ptr"]) == (8 * 64) % 256
     assert "cpu" in state["rng"][0] and state["optimizer"]["state"]
 
 
@@ -144,7 +144,7 @@ def test_every_option_of_the_command_line_works_in_one_real_run(tmp_path):
     state = load_checkpoint(out / "checkpoint.pt")
     cfg = C.from_dict(state["config"])
     assert cfg.model.symmetric and not cfg.model.shuffle_bn and cfg.optim.lr_steps == [1] and cfg.run.seed == 3
-    assert state["model"]["queue"].shape == (512, 16) and int(state["model"]["queue_ptr"]) == (2 * 4 * 128) % 512
+    assert state["model"]["queue.keys"].shape == (512, 16) and int(state["model"]["queue.ptr"]) == (2 * 4 * 128) % 512
     assert list((out / "tensorboard").iterdir())
     epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
     assert [e["epoch"] for e in epochs] == [1, 2] and all("knn_top1" in e for e in epochs)
@@ -182,15 +182,26 @@ def test_help_lists_every_option():
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_steps_train_in_fp32_master_weights(tmp_path, precision):
-    """Autocast paths (used on GPUs) run on the CPU too: the loss is fp32, the weights stay fp32."""
+def test_mixed_precision_steps_train_in_fp32_master_weights(tmp_path, precision, monkeypatch):
+    """Autocast paths (fp16 with its GradScaler is for GPUs: let through here) run on the CPU too: the loss is fp32,
+    the weights stay fp32."""
+    from moco.train import setup
+
+    monkeypatch.setattr(setup, "check_device", lambda cfg, device: None)
     cfg = tiny(tmp_path, model=dict(width=4, dim=16, queue_size=128), data=dict(batch_size=32, train_subset=64),
                optim=dict(epochs=1), run=dict(precision=precision))
     result = pretrain(cfg, baselines=False, echo=lambda s: None)
     state = load_checkpoint(result.checkpoint)
     assert math.isfinite(result.loss) and state["step"] == 2
     assert state["model"]["encoder_q.backbone.features.0.weight"].dtype == torch.float32
-    assert state["model"]["queue"].dtype == torch.float32
+    assert state["model"]["queue.keys"].dtype == torch.float32
+
+
+def test_fp16_on_a_cpu_is_refused_before_any_work(tmp_path):
+    cfg = tiny(tmp_path, run=dict(precision="fp16", device="cpu"))
+    with pytest.raises(ConfigError, match="precision=fp16 needs a CUDA GPU"):
+        pretrain(cfg, echo=lambda s: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_compiled_encoders_keep_the_checkpoint_layout(tmp_path):

@@ -1,27 +1,27 @@
 """The training loop's parts: schedule, checkpoints, diagnostics, kNN."""
 
 import math
-import pickle
 import warnings
 
 import pytest
 import torch
 
+from moco.checkpoints import find_resume, load_checkpoint, save_checkpoint
 from moco.config import OptimConfig
-from moco.errors import CheckpointError
+from moco.errors import CheckpointError, MocoWarning
 from moco.evaluate.knn import knn_accuracy, knn_scores, plain_knn_accuracy, vote_accuracy
-from moco.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
-from moco.train.observe import LossWatch, MocoWarning, check_collapse, check_queue_size, key_spread
-from moco.train.optim import lr_at, scaled_lr
+from moco.train.diagnostics import LossWatch, check_collapse, check_queue_size, key_spread
+from moco.train.optim import pretrain_lr
+from moco.train.schedule import lr_at, scaled_lr
 
 
 def test_lr_scales_linearly_with_the_batch():
-    assert scaled_lr(OptimConfig(lr=0.03, lr_batch_size=256), 1024) == pytest.approx(0.12)
+    assert scaled_lr(0.03, 1024, 256) == pytest.approx(0.12)
 
 
 def test_cosine_schedule_with_warmup_per_iteration():
     cfg = OptimConfig(epochs=10, lr=0.1, schedule="cosine", warmup_epochs=2)
-    lr = [lr_at(s, 100, cfg, 256) for s in range(1000)]
+    lr = [pretrain_lr(s, 100, cfg, 256) for s in range(1000)]
     assert lr[0] == 0 and lr[100] == pytest.approx(0.05) and lr[200] == pytest.approx(0.1)
     assert lr[600] == pytest.approx(0.05)  # halfway through the cosine part
     assert lr[999] < 1e-4 and all(a >= b for a, b in zip(lr[200:], lr[201:]))
@@ -29,9 +29,23 @@ def test_cosine_schedule_with_warmup_per_iteration():
 
 def test_step_schedule_drops_tenfold_at_each_milestone():
     cfg = OptimConfig(epochs=200, lr=0.03, schedule="step", lr_steps=[120, 160])
-    assert lr_at(119 * 10, 10, cfg, 256) == pytest.approx(0.03)
-    assert lr_at(120 * 10, 10, cfg, 256) == pytest.approx(0.003)
-    assert lr_at(199 * 10, 10, cfg, 256) == pytest.approx(0.0003)
+    assert pretrain_lr(119 * 10, 10, cfg, 256) == pytest.approx(0.03)
+    assert pretrain_lr(120 * 10, 10, cfg, 256) == pytest.approx(0.003)
+    assert pretrain_lr(199 * 10, 10, cfg, 256) == pytest.approx(0.0003)
+
+
+def test_one_schedule_serves_every_loop():
+    """Warm-up from a fraction (fine-tuning's), then the step decay; a constant schedule; cosine from the end of
+    the warm-up to 0."""
+    lr = [lr_at(s, 100, 0.02, "step", [60, 80], warmup=10, warmup_factor=0.001) for s in range(100)]
+    assert lr[0] == pytest.approx(0.02 * 0.001) and lr[5] == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
+    assert lr[10] == lr[59] == pytest.approx(0.02) and lr[60] == pytest.approx(0.002) and lr[99] == pytest.approx(2e-4)
+    assert lr_at(7, 10, 0.5, "constant") == 0.5
+    cosine = [lr_at(s, 20, 1.0, "cosine", warmup=4) for s in range(21)]
+    assert cosine[2] == pytest.approx(0.5) and cosine[4] == 1.0 and cosine[12] == pytest.approx(0.5)
+    assert cosine[20] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_at(0, 10, 1.0, "linear")
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
@@ -64,9 +78,10 @@ def test_a_malicious_pickle_checkpoint_is_refused_without_running(tmp_path):
     MARKER = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"format": "moco-pretrain", "version": 1, "x": Payload()}, path)
-    with pytest.raises(CheckpointError, match="refuses"):
+    with pytest.raises(CheckpointError, match=r"Python objects beyond tensors and plain values \(posix.system\)") as e:
         load_checkpoint(path)
     assert not MARKER.exists()
+    assert "weights_only" not in str(e.value)  # never advice to load unsafely
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -90,14 +105,26 @@ def test_find_resume_takes_the_newest_valid_checkpoint(tmp_path):
     save_checkpoint({"step": 10}, tmp_path / "checkpoint_epoch0001.pt")
     save_checkpoint({"step": 30}, tmp_path / "checkpoint.pt")
     save_checkpoint({"step": 20}, tmp_path / "checkpoint_best.pt")
-    assert find_resume("auto", tmp_path) == tmp_path / "checkpoint.pt"
-    assert find_resume(str(tmp_path), "elsewhere") == tmp_path / "checkpoint.pt"
-    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")  # e.g. a disk that lost the last write
-    assert find_resume("auto", tmp_path) == tmp_path / "checkpoint_best.pt"
+    assert find_resume("auto", tmp_path).path == tmp_path / "checkpoint.pt"
+    resume = find_resume(str(tmp_path), "elsewhere")
+    assert resume.path == tmp_path / "checkpoint.pt" and resume.state["step"] == 30  # read once, handed on
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04garbage")  # e.g. a disk that lost the last write
+    assert "resuming from checkpoint_best.pt" in warned(lambda: find_resume("auto", tmp_path))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert find_resume("auto", tmp_path).path == tmp_path / "checkpoint_best.pt"
     with pytest.raises(CheckpointError):
         find_resume(str(tmp_path / "nope.pt"), tmp_path)
-    with pytest.raises(CheckpointError, match="no valid checkpoint"):
-        find_resume(str(tmp_path / "empty"), tmp_path) if (tmp_path / "empty").mkdir() is None else None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint in that folder"):
+        find_resume(str(tmp_path / "empty"), tmp_path)
+
+
+def test_a_folder_of_unreadable_checkpoints_is_never_taken_for_a_new_run(tmp_path):
+    save_checkpoint({"step": 30}, tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:200])  # truncated
+    with pytest.raises(CheckpointError, match="no checkpoint in .* can be read .*nothing was changed"):
+        find_resume("auto", tmp_path)
 
 
 def warned(fn, *args) -> list[str]:
@@ -153,7 +180,7 @@ def test_weighted_knn_matches_a_brute_force_vote():
             expected[int(labels[j])] += math.exp(s / t)
         assert scores[i].tolist() == pytest.approx(expected, rel=1e-5)
     acc = knn_accuracy(train, labels, test, scores.argmax(1), k, t)
-    assert acc["top1"] == 100.0 and acc["top5"] == 100.0
+    assert acc == {"top1": 100.0}  # no top-5 with 5 classes or fewer: it would be 100% by construction
 
 
 def test_plain_knn_is_a_euclidean_majority_vote():
@@ -245,4 +272,6 @@ def test_freed_activations_are_reused_without_page_faults():
     _, default = faults("default")
     assert kept
     assert default > 10 * 0.5 * pages  # glibc's default: unmapped on free, faulted in again every step
-    assert with_keep < pages  # in 10 steps, less than one step's worth
+    # Kept: reused. Where the heap's layout leaves a freed block short of the next request, the heap grows a little
+    # more in the first steps (0 to 2 steps' worth in 10, depending on what was imported before).
+    assert with_keep < 0.25 * default

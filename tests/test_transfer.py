@@ -1,7 +1,5 @@
 """Dense-task transfer: built-in scenes, COCO/VOC files, Faster/Mask R-CNN and segmentation fine-tuning."""
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -9,17 +7,24 @@ from PIL import Image
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from moco.checkpoints import load_encoder
+from moco.cli import main
 from moco.data.sources import load_images
 from moco.errors import ConfigError
-from moco.evaluate.load import load_encoder
 from moco.model.backbones import resnet
 from moco.transfer import scenes as scenes_module
 from moco.transfer.coco import read_coco, read_scenes, read_voc, write_scenes
-from moco.transfer.detection import (DetectionConfig, add_finetune_parser, build_detector, detection_inputs,
-                                     finetune_detection, train_loop)
+from moco.transfer.detection import DetectionConfig, build_detector, detection_inputs, finetune_detection
+from moco.transfer.finetune import finetune_loop
 from moco.transfer.scenes import FOREGROUND_THRESHOLD, IGNORE, Scenes, make_scenes, scene_pools
-from moco.transfer.segmentation import (SegmentationConfig, build_segmenter, confusion_matrix, finetune_segmentation,
-                                        segmentation_batch, segmentation_metrics)
+from moco.transfer.segmentation import (
+    SegmentationConfig,
+    build_segmenter,
+    confusion_matrix,
+    finetune_segmentation,
+    segmentation_batch,
+    segmentation_metrics,
+)
 
 QUIET = dict(warmup_iters=1, lr_steps=[], log_every=1000, device="cpu")
 
@@ -161,7 +166,7 @@ def test_frozen_norm_keeps_the_statistics_bn_updates_them(checkpoint, tiny, norm
     def step(indices, flips):
         return sum(model(*detection_inputs(train, indices, 1, torch.device("cpu"), flips)).values())
 
-    train_loop(model, cfg, step, len(train), echo=lambda s: None)
+    finetune_loop(model, cfg, step, len(train), echo=lambda s: None)
     changed = [k for k, v in body.state_dict().items() if "running" in k and not torch.equal(v, stats[k])]
     assert not torch.equal(body.layer3[0].conv1.weight, conv)  # the weights train either way
     if norm == "frozen":
@@ -187,7 +192,7 @@ def test_detector_overfits_a_fixed_batch(tiny):
     def step(indices, flips):
         return sum(model(*detection_inputs(two, indices, 1, torch.device("cpu"), flips)).values())
 
-    losses = train_loop(model, cfg, step, 2, echo=lambda s: None)
+    losses = finetune_loop(model, cfg, step, 2, echo=lambda s: None)
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
 
 
@@ -225,7 +230,7 @@ def test_segmenter_gets_the_weights_and_overfits_a_fixed_batch(checkpoint, tiny)
     cfg = SegmentationConfig(iterations=20, batch_size=2, lr=0.05, flip=False, width=8, **QUIET)
     model = build_segmenter(None, "small_cnn", train, cfg)
     images, targets = segmentation_batch(train, [0, 1], 1, torch.device("cpu"))
-    losses = train_loop(model, cfg, lambda i, f: nn.functional.cross_entropy(model(images), targets,
+    losses = finetune_loop(model, cfg, lambda i, f: nn.functional.cross_entropy(model(images), targets,
                                                                              ignore_index=IGNORE),
                         2, echo=lambda s: None)
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
@@ -237,28 +242,21 @@ def test_segmenter_gets_the_weights_and_overfits_a_fixed_batch(checkpoint, tiny)
 
 def test_finetune_commands(tmp_path, capsys, monkeypatch, items):
     monkeypatch.setattr(scenes_module, "load_images", lambda *a, **k: items)
-    parser = argparse.ArgumentParser()
-    add_finetune_parser(parser.add_subparsers())
     small = ["--train-scenes", "4", "--test-scenes", "2", "--size", "48"]
-    args = parser.parse_args(["finetune", "scenes", str(tmp_path), *small])
-    assert args.func(args) == 0
-    args = parser.parse_args(["finetune", "segment", "random", "--arch", "small_cnn", "--data", str(tmp_path),
-                              "--iterations", "2", "--batch-size", "2", "--warmup-iters", "1", "--lr-steps", "1",
-                              "--device", "cpu", "--head", "fcn"])
-    assert args.func(args) == 0
-    args = parser.parse_args(["finetune", "detect", "random", "--arch", "small_cnn", *small, "--iterations", "1",
-                              "--batch-size", "2", "--warmup-iters", "0", "--lr-steps", "--norm", "frozen",
-                              "--device", "cpu"])
-    assert args.func(args) == 0
+    assert main(["finetune", "scenes", str(tmp_path), *small]) == 0
+    assert main(["finetune", "segment", "random", "--arch", "small_cnn", "--data", str(tmp_path), "--iterations", "2",
+                 "--batch-size", "2", "--warmup-iters", "1", "--lr-steps", "1", "--device", "cpu", "--head", "fcn"]) == 0
+    assert main(["finetune", "detect", "random", "--arch", "small_cnn", *small, "--iterations", "1",
+                 "--batch-size", "2", "--warmup-iters", "0", "--lr-steps", "--norm", "frozen", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "instances_test.json" in out and "mIoU" in out and "AP50" in out
 
 
 def test_the_transfer_study_command_writes_its_table(tmp_path):
-    """`moco transfer` end to end at a tiny budget: MoCo, supervised and random inits on both tasks."""
+    """`python -m benchmarks transfer` end to end at a tiny budget: MoCo, supervised and random inits on both tasks."""
+    from benchmarks.__main__ import main as benchmarks
     from moco import config as C
-    from moco.cli import main
-    from moco.train.loop import pretrain
+    from moco.pipeline import pretrain
     from moco.train.supervised import supervised
 
     cfg = C.apply_overrides(C.preset("smoke"), {"width": 4, "train_subset": 256, "queue_size": 256, "bn_splits": 4,
@@ -266,7 +264,7 @@ def test_the_transfer_study_command_writes_its_table(tmp_path):
     pretrain(cfg, baselines=False, echo=lambda s: None)
     sup = supervised(C.apply_overrides(cfg, {"out_dir": str(tmp_path / "sup")}), echo=lambda s: None)
     out = tmp_path / "study"
-    assert main(["transfer", "--moco", str(tmp_path / "moco" / "checkpoint.pt"), "--supervised", str(sup),
+    assert benchmarks(["transfer", "--moco", str(tmp_path / "moco" / "checkpoint.pt"), "--supervised", str(sup),
                  "--scenes-train", "8", "--scenes-test", "4", "--iterations", "2", "--batch-size", "2",
                  "--threads", "1", "--out", str(out)]) == 0
     table = (out / "results.md").read_text()

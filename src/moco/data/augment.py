@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco.errors import ConfigError
+from ..errors import ConfigError
 
 AUGMENT_PRESETS = ("v1", "v2", "crop", "none")
 

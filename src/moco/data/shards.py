@@ -20,23 +20,37 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DataError
-from .sources import _list_folder, _try_decode
+from ..config import opt
+from ..errors import ConfigError, DataError
+from ..extras import require
+from ..files import write_text
+from .sources import list_folder, try_decode
 
 INDEX = "shards.json"
 
 
-def write_shards(folder: str | Path, out: str | Path, image_size: int = 64, shard_size: int = 2000,
-                 seed: int = 0, echo=print) -> Path:
+@dataclass
+class ShardConfig:
+    """How `write_shards` packs a folder."""
+
+    image_size: int = opt(64, "pixels: shorter side resized to it, then centre-cropped")
+    shard_size: int = opt(2000, "images per shard")
+    seed: int = opt(0, "seed of the shuffle before packing")
+
+
+def write_shards(folder: str | Path, out: str | Path, cfg: ShardConfig | None = None, echo=print) -> Path:
     """Pack the training split of an image folder into `out/shard-NNNNNN.tar` files and `out/shards.json`.
 
     Files are shuffled (with `seed`) before packing so that every shard mixes classes; unreadable files
     are skipped and counted.
     """
-    import webdataset as wds
-
+    wds = require("webdataset", "writing shards")
+    cfg = cfg or ShardConfig()
+    image_size, shard_size, seed = cfg.image_size, cfg.shard_size, cfg.seed
+    if min(image_size, shard_size) < 1:
+        raise ConfigError(f"image_size and shard_size must be >= 1, got {image_size} and {shard_size}")
     folder, out = Path(folder), Path(out)
-    files, listing = _list_folder(folder, "train")
+    files, listing = list_folder(folder, "train")
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +61,7 @@ def write_shards(folder: str | Path, out: str | Path, image_size: int = 64, shar
             ThreadPoolExecutor(max_workers=4) as pool:
         for start in range(0, len(order), 1024):
             chunk = order[start : start + 1024]
-            for i, image in zip(chunk, pool.map(_try_decode, [files[i] for i in chunk], [image_size] * len(chunk))):
+            for i, image in zip(chunk, pool.map(try_decode, [files[i] for i in chunk], [image_size] * len(chunk))):
                 if isinstance(image, Exception):
                     bad.append(files[i])
                     continue
@@ -74,7 +88,7 @@ def write_shards(folder: str | Path, out: str | Path, image_size: int = 64, shar
     index = {"format": "moco-shards", "version": 1, "shards": sorted(p.name for p in out.glob("shard-*.tar")),
              "count": count, "image_size": image_size, "channels": channels,
              "classes": listing.classes, "mean": mean[:channels].tolist(), "std": std[:channels].tolist()}
-    (out / INDEX).write_text(json.dumps(index, indent=1))
+    write_text(out / INDEX, json.dumps(index, indent=1))
     echo(f"wrote {count} images ({channels} channel{'s' if channels > 1 else ''}, {image_size}px) in "
          f"{len(index['shards'])} shards to {out}" + (f"; skipped {len(bad)} unreadable" if bad else ""))
     return out / INDEX
@@ -124,9 +138,9 @@ class ShardStream:
 
     def batches(self, epoch: int, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
         """Endless uint8 batches (b, C, S, S) of this process's share of the shards, reshuffled each epoch."""
-        import webdataset as wds
-
         from .. import distributed as dist
+
+        wds = require("webdataset", "reading shards")
 
         rank, world = dist.rank(), dist.world_size()
         share = self.urls[rank::world] if len(self.urls) >= world else self.urls

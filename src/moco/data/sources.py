@@ -7,7 +7,6 @@ Training augments whole batches on the device, so every source does its per-imag
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import math
 import os
 import pickle
@@ -23,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from moco.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
+from ..extras import available, require
 
 __all__ = [
     "DATASETS",
@@ -150,12 +150,12 @@ def has_split(dataset: str, split: str, root: str | Path | None = None) -> bool:
     """Whether `load_images(dataset, split, root)` would find that split, without decoding it."""
     split = _check_split(dataset, split)
     if dataset == "digits":
-        return importlib.util.find_spec("sklearn") is not None
+        return available("sklearn")
     if dataset == "folder":
         if root is None:
             return False
         try:
-            files, _ = _list_folder(Path(root).expanduser(), split)
+            files, _ = list_folder(Path(root).expanduser(), split)
         except DataError:
             return False
         return bool(files)
@@ -340,11 +340,7 @@ _DIGITS_TEST_FRACTION = 0.2
 
 
 def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise DataError("dataset 'digits' needs scikit-learn: `pip install scikit-learn`") from exc
-    digits = load_digits()
+    digits = require("sklearn.datasets", "dataset 'digits'").load_digits()
     # Values are 0..16; 16 maps to 255.
     pixels = np.rint(digits.data * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
     targets = digits.target.astype(np.int64)
@@ -534,14 +530,14 @@ def _class_dirs(directory: Path) -> list[Path]:
 
 
 @dataclass
-class _FolderListing:
+class FolderListing:
     labels: list[int] | None
     classes: list[str] | None
     empty_classes: list[Path]
     loose_images_dir: Path | None  # holds image files next to class folders, which are not read
 
 
-def _list_folder(root: Path, split: str) -> tuple[list[Path], _FolderListing]:
+def list_folder(root: Path, split: str) -> tuple[list[Path], FolderListing]:
     """The image files of one split of a folder data set, and their labels."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist (or is not a folder); check the path")
@@ -566,7 +562,7 @@ def _list_folder(root: Path, split: str) -> tuple[list[Path], _FolderListing]:
     class_dirs = _class_dirs(data_dir)
     if not class_dirs:
         files = list(_image_files(data_dir, recursive=False))
-        listing = _FolderListing(labels=None, classes=None, empty_classes=[], loose_images_dir=None)
+        listing = FolderListing(labels=None, classes=None, empty_classes=[], loose_images_dir=None)
     else:
         # Class indices come from every split, so that train and test labels agree.
         classes = sorted(
@@ -587,7 +583,7 @@ def _list_folder(root: Path, split: str) -> tuple[list[Path], _FolderListing]:
             files += class_files
             labels += [index[class_dir.name]] * len(class_files)
         has_loose = next(_image_files(data_dir, recursive=False), None) is not None
-        listing = _FolderListing(
+        listing = FolderListing(
             labels=labels,
             classes=classes,
             empty_classes=empty,
@@ -633,7 +629,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
     return np.array(image)  # a writable copy, which torch.from_numpy needs
 
 
-def _try_decode(path: Path, size: int) -> np.ndarray | Exception:
+def try_decode(path: Path, size: int) -> np.ndarray | Exception:
     try:
         return _decode(path, size)
     except Exception as exc:  # PIL's decoders raise many kinds of error on corrupt files
@@ -641,7 +637,7 @@ def _try_decode(path: Path, size: int) -> np.ndarray | Exception:
 
 
 def _load_folder(root: Path, split: str, size: int, strict: bool, name: str) -> ImageSet:
-    files, listing = _list_folder(root, split)
+    files, listing = list_folder(root, split)
     if listing.empty_classes:
         warnings.warn(
             f"skipped {len(listing.empty_classes)} class folder(s) with no images: "
@@ -661,7 +657,7 @@ def _load_folder(root: Path, split: str, size: int, strict: bool, name: str) -> 
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
         for start in range(0, len(files), _DECODE_CHUNK):
             chunk = files[start : start + _DECODE_CHUNK]
-            for offset, result in enumerate(pool.map(_try_decode, chunk, [size] * len(chunk))):
+            for offset, result in enumerate(pool.map(try_decode, chunk, [size] * len(chunk))):
                 i = start + offset
                 if isinstance(result, Exception):
                     if strict:

@@ -10,75 +10,71 @@ for image folders, `<dataset>/<split>/<index>` for the named data sets.
 """
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.numpy import save_file
-from torch import nn
 
-from ..data.augment import EvalTransform
+from ..checkpoints import LoadedEncoder, load_encoder
+from ..config import opt
 from ..data.sources import ImageSet, load_images
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
+from ..files import atomic_write
 from ..runtime import resolve_device
+from .data import EvalConfig, eval_size, eval_transform, fit_channels
 from .features import extract_features
-from .load import LoadedEncoder, load_encoder
 
 FORMATS = (".npy", ".safetensors")
 
 
-def embed(
-    checkpoint: str | Path,
-    dataset: str,
-    root: str | None,
-    split: str,
-    out: str | Path,
-    arch: str | None = None,
-    batch_size: int = 512,
-    device: str = "auto",
-    normalize: bool = True,
-    echo: Callable[[str], None] = print,
-) -> Path:
-    """Features of every image of `dataset`'s `split` (or of the image folder `root`) written to `out`.
+@dataclass
+class EmbedConfig:
+    """What `embed` writes."""
 
-    Images are fed at the encoder's training size (the data's own size for foreign checkpoints),
-    normalised as in training; features are L2-normalised unless `normalize=False`. Returns `out`.
+    split: str = opt("train", "train | test (named data sets, and folders with train/ and test/)")
+    batch_size: int = opt(512, "images per forward pass")
+    normalize: bool = opt(True, "L2-normalise the features")
+
+
+def embed(checkpoint: str | Path, out: str | Path, source: EvalConfig, cfg: EmbedConfig | None = None,
+          echo: Callable[[str], None] = print) -> Path:
+    """Features of every image of `source`'s data set (split cfg.split), or of its image folder, written to `out`.
+
+    Images are fed at the encoder's training size (the data's own size for foreign checkpoints, unless
+    source.image_size says), normalised as in training; L2-normalised features unless cfg.normalize is off.
+    Returns `out`.
     """
-    out = Path(out)
+    out, cfg = Path(out), cfg or EmbedConfig()
     if out.suffix.lower() not in FORMATS:
         raise ConfigError(f"cannot write features to {out}: the file name must end in {' or '.join(FORMATS)}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    encoder = load_encoder(checkpoint, arch)
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if source.dataset is None:
+        raise ConfigError("embed needs the images: a folder, or a data set name")
+    encoder = load_encoder(checkpoint, source.arch)
     # Loading at the trained size reproduces the training pipeline (load_images resizes the same way).
-    data = load_images(dataset, split, root, encoder.size)
-    if data.channels != encoder.channels:
-        raise DataError(
-            f"{data.name} has {data.channels}-channel images but the encoder in {checkpoint} takes "
-            f"{encoder.channels} channels; embed data of the kind it was trained on"
-        )
-    run_on = resolve_device(device)
-    transform = EvalTransform(encoder.size or data.image_size, encoder.mean, encoder.std).to(run_on)
-    features = extract_features(encoder.backbone.to(run_on), data.images, transform, run_on, batch_size,
-                                normalize=normalize).cpu()
+    size = eval_size(encoder, source.image_size, None, echo)
+    data = fit_channels(load_images(source.dataset, cfg.split, source.data_root, size), encoder, source.gray_to_rgb)
+    run_on = resolve_device(source.device)
+    transform = eval_transform(encoder, data, run_on)
+    features = extract_features(encoder.backbone.to(run_on), data.images, transform, run_on, cfg.batch_size,
+                                normalize=cfg.normalize).cpu()
     files = data.files if data.files is not None else [f"{data.name}/{i}" for i in range(len(data))]
     features_np = features.numpy()
     labels = None if data.labels is None else data.labels.numpy()
     if out.suffix.lower() == ".npy":
         _write_npy(out, features_np, labels, files)
     else:
-        _write_safetensors(out, features_np, labels, _metadata(checkpoint, encoder, data, files, normalize))
+        _write_safetensors(out, features_np, labels, _metadata(checkpoint, encoder, data, files, cfg.normalize))
     echo(
         f"embedded {len(data)} images of {data.name} with the {encoder.layout} {encoder.arch} encoder: "
-        f"{features_np.shape[1]}-d features{' (L2-normalised)' if normalize else ''} -> {out}"
+        f"{features_np.shape[1]}-d features{' (L2-normalised)' if cfg.normalize else ''} -> {out}"
     )
     return out
 
 
-@torch.no_grad()
 def sidecar(out: Path, kind: str) -> Path:
     """The sidecar of a .npy output: `feats.npy` -> `feats.files.txt`, `feats.labels.npy`."""
     return out.with_name(f"{out.stem}.{kind}")
@@ -97,7 +93,7 @@ def _metadata(
         "layout": encoder.layout,
         "arch": encoder.arch,
         "l2_normalized": json.dumps(normalize),
-        "image_size": json.dumps(encoder.size or data.image_size),
+        "image_size": json.dumps(data.image_size),
         "mean": json.dumps(encoder.mean),
         "std": json.dumps(encoder.std),
     }
@@ -110,28 +106,15 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def _write_npy(out: Path, features: np.ndarray, labels: np.ndarray | None, files: list[str]) -> None:
     listing = "".join(name + "\n" for name in files)
-    _atomic(sidecar(out, "files.txt"), lambda tmp: tmp.write_text(listing, encoding="utf-8"))
+    atomic_write(sidecar(out, "files.txt"), lambda tmp: tmp.write_text(listing, encoding="utf-8"))
     labels_path = sidecar(out, "labels.npy")
     if labels is not None:
-        _atomic(labels_path, lambda tmp: _save_npy(tmp, labels))
+        atomic_write(labels_path, lambda tmp: _save_npy(tmp, labels))
     else:
         labels_path.unlink(missing_ok=True)  # a stale one from an earlier run would not match these rows
-    _atomic(out, lambda tmp: _save_npy(tmp, features))
+    atomic_write(out, lambda tmp: _save_npy(tmp, features))
 
 
 def _write_safetensors(out: Path, features: np.ndarray, labels: np.ndarray | None, metadata: dict[str, str]) -> None:
     tensors = {"features": features} if labels is None else {"features": features, "labels": labels}
-    _atomic(out, lambda tmp: save_file(tensors, tmp, metadata))
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write `path` through a temporary file in its folder, renamed into place: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata))

@@ -6,12 +6,26 @@ adding exp(sim / t) to c's score (Wu et al. 2018; the official MoCo CIFAR demo u
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import opt
 from .features import extract_features
+
+VOTES = ("weighted", "majority")
+
+
+@dataclass
+class KnnConfig:
+    """The kNN classifier."""
+
+    k: int = opt(200, "neighbours")
+    t: float = opt(0.1, "temperature of the vote weights exp(cos/t) (weighted vote)")
+    vote: str = opt("weighted", "weighted: each neighbour adds exp(cos/t) (the monitor's) | majority: one vote each "
+                                "(textbook kNN, on cosine similarity)")
 
 
 @torch.no_grad()
@@ -45,15 +59,15 @@ def knn_accuracy(
     k: int = 200,
     t: float = 0.1,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) of the weighted kNN classifier."""
+    """Top-1 and, with more than 5 classes, top-5 accuracy (percent) of the weighted kNN classifier."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_scores(train_features, train_labels, test_features, num_classes, k, t)  # (N, C)
     ranked = scores.topk(min(5, num_classes), dim=1).indices  # (N, 5)
     hits = ranked == test_labels[:, None]  # (N, 5)
-    return {
-        "top1": 100.0 * hits[:, 0].float().mean().item(),
-        "top5": 100.0 * hits.any(dim=1).float().mean().item(),
-    }
+    out = {"top1": 100.0 * hits[:, 0].float().mean().item()}
+    if num_classes > 5:
+        out["top5"] = 100.0 * hits.any(dim=1).float().mean().item()
+    return out
 
 
 @torch.no_grad()

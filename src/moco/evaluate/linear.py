@@ -19,19 +19,22 @@ a forward that writes to its weights) cannot go unnoticed.
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data.augment import EvalTransform, build_augment
+from ..checkpoints import LoadedEncoder
+from ..config import opt
+from ..data.augment import build_augment
 from ..data.sources import ImageSet
 from ..errors import ConfigError, DataError
-from ..runtime import resolve_device
+from ..train.schedule import lr_at, scaled_lr
+from ..train.steps import sgd_steps
+from .data import eval_transform, fit_channels
 from .features import extract_features
-from .load import LoadedEncoder
 
 SCHEDULES = ("step", "cosine")
 AUGMENTS = ("none", "crop")
@@ -43,25 +46,27 @@ _EVAL_CHUNK = 8192
 
 @dataclass
 class LinearConfig:
-    epochs: int = 100
-    lr: float = 30.0  # for batch 256; scaled linearly with batch_size / 256
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "step"  # step (x0.1 at each of lr_steps) | cosine; applied per iteration
-    lr_steps: list[int] = field(default_factory=lambda: [60, 80])
-    batch_size: int = 256
-    augment: str = "none"  # none: cached features of whole images | crop: the paper's crop + flip
-    seed: int = 0
-    device: str = "auto"
+    """The linear protocol's classifier training (the MoCo paper's by default)."""
+
+    epochs: int = opt(100, "epochs of the linear classifier")
+    lr: float = opt(30.0, "for a batch of 256, scaled linearly with batch_size")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(0.0, "SGD weight decay")
+    schedule: str = opt("step", "step (x0.1 at each of lr_steps) | cosine, applied per iteration")
+    lr_steps: list[int] = opt([60, 80], "step schedule: epochs where lr x0.1")
+    batch_size: int = opt(256, "images per step")
+    augment: str = opt("none", "none: features of whole images computed once (fast) | crop: the paper's random "
+                               "resized crop + flip through the frozen backbone at every step")
+    seed: int = opt(0, "seed of the classifier's initialisation and the data order")
 
 
 @dataclass
 class LinearResult:
     best_top1: float  # percent, the highest test top-1 over all epochs
-    best_top5: float  # percent, test top-5 at the epoch of best_top1
+    best_top5: float | None  # percent, test top-5 at the epoch of best_top1 (None for 5 classes or fewer)
     best_epoch: int  # 1-based
     final_top1: float
-    final_top5: float
+    final_top5: float | None
     history: list[dict]  # per epoch: epoch, lr, train_loss, train_top1, test_top1, test_top5
 
 
@@ -88,13 +93,10 @@ def check_config(cfg: LinearConfig) -> None:
         raise ConfigError(f"linear augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
 
 
-def lr_at(cfg: LinearConfig, step: int, steps_per_epoch: int) -> float:
+def linear_lr(cfg: LinearConfig, step: int, steps_per_epoch: int) -> float:
     """The learning rate of iteration `step` (0-based): cfg.lr scaled to the batch, then scheduled."""
-    base = cfg.lr * cfg.batch_size / LR_BATCH_SIZE
-    epoch = step / steps_per_epoch  # fractional epoch
-    if cfg.schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * min(epoch / cfg.epochs, 1.0)))
-    return base * 0.1 ** sum(epoch >= milestone for milestone in cfg.lr_steps)
+    return lr_at(step, cfg.epochs * steps_per_epoch, scaled_lr(cfg.lr, cfg.batch_size, LR_BATCH_SIZE), cfg.schedule,
+                 [m * steps_per_epoch for m in cfg.lr_steps])
 
 
 def new_classifier(dim: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
@@ -143,8 +145,8 @@ def frozen(backbone: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def accuracy(fc: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) of `fc` on features (N, D) with labels (N,)."""
+def accuracy(fc: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float | None]:
+    """Top-1 and, with more than 5 classes, top-5 accuracy (percent) of `fc` on features (N, D), labels (N,)."""
     k = min(5, fc.out_features)
     hits1 = hits5 = 0
     for x, y in zip(features.split(_EVAL_CHUNK), labels.split(_EVAL_CHUNK)):
@@ -152,7 +154,7 @@ def accuracy(fc: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> tup
         hits = ranked == y[:, None]  # (n, k)
         hits1 += int(hits[:, 0].sum())
         hits5 += int(hits.any(dim=1).sum())
-    return 100.0 * hits1 / len(labels), 100.0 * hits5 / len(labels)
+    return 100.0 * hits1 / len(labels), (100.0 * hits5 / len(labels) if fc.out_features > 5 else None)
 
 
 def _check_data(encoder: LoadedEncoder, train: ImageSet, test: ImageSet) -> int:
@@ -164,11 +166,7 @@ def _check_data(encoder: LoadedEncoder, train: ImageSet, test: ImageSet) -> int:
             raise DataError(f"{split.name} has no labels: linear evaluation needs labels for train and test")
         if int(split.labels.min()) < 0:
             raise DataError(f"{split.name} has negative labels ({int(split.labels.min())}): labels must be 0..C-1")
-        if split.channels != encoder.channels:
-            raise DataError(
-                f"{split.name} has {split.channels}-channel images but the encoder ({encoder.arch}, "
-                f"{encoder.layout}) takes {encoder.channels}; evaluate on data with the pretraining's channels"
-            )
+        fit_channels(split, encoder)
     seen = max(int(train.labels.max()), int(test.labels.max())) + 1
     return max(seen, len(train.classes or []))
 
@@ -178,19 +176,19 @@ def linear_probe(
     train: ImageSet,
     test: ImageSet,
     cfg: LinearConfig,
+    device: torch.device | str = "cpu",
     echo: Callable[[str], None] = print,
     progress: bool = True,
 ) -> LinearResult:
     """Train a linear classifier on the frozen `encoder` and report its test accuracy every epoch.
 
-    The backbone is moved to the device; its train/eval mode and requires_grad flags are restored on
+    The backbone is moved to `device`; its train/eval mode and requires_grad flags are restored on
     return. Raises RuntimeError if any backbone tensor changed during training (see `check_frozen`).
     """
     check_config(cfg)
     num_classes = _check_data(encoder, train, test)
-    device = resolve_device(cfg.device)
-    size = encoder.size or train.image_size
-    eval_transform = EvalTransform(size, encoder.mean, encoder.std).to(device)
+    device = torch.device(device)
+    transform = eval_transform(encoder, train, device)
     backbone = encoder.backbone.to(device)
     n = len(train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -198,35 +196,33 @@ def linear_probe(
     history: list[dict] = []
     with frozen(backbone):
         before = snapshot(backbone)
-        test_x = extract_features(backbone, test.images, eval_transform, device, normalize=False,
+        test_x = extract_features(backbone, test.images, transform, device, normalize=False,
                                   desc=f"features {test.name}" if progress else None)  # (Nt, D)
         test_y = test.labels.to(device)  # (Nt,)
         if cfg.augment == "none":
-            train_x = extract_features(backbone, train.images, eval_transform, device, normalize=False,
+            train_x = extract_features(backbone, train.images, transform, device, normalize=False,
                                        desc=f"features {train.name}" if progress else None)  # (N, D)
             train_y = train.labels.to(device)  # (N,)
         else:
-            augment = build_augment("crop", size, encoder.mean, encoder.std, min_scale=CROP_MIN_SCALE).to(device)
+            augment = build_augment("crop", train.image_size, encoder.mean, encoder.std,
+                                    min_scale=CROP_MIN_SCALE).to(device)
             augment_gen = torch.Generator(device=device).manual_seed(cfg.seed)
         dim = test_x.shape[1]
         fc = new_classifier(dim, num_classes, torch.Generator().manual_seed(cfg.seed)).to(device)
-        optimizer = torch.optim.SGD(fc.parameters(), lr=lr_at(cfg, 0, steps_per_epoch), momentum=cfg.momentum,
+        optimizer = torch.optim.SGD(fc.parameters(), lr=linear_lr(cfg, 0, steps_per_epoch), momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
         echo(f"linear evaluation: {n} train / {len(test)} test images, {dim}-dim features, {num_classes} classes, "
              f"augment {cfg.augment}, lr {cfg.lr} x {cfg.batch_size}/{LR_BATCH_SIZE} ({cfg.schedule}), "
              f"{cfg.epochs} epochs on {device}")
-        step = 0
         for epoch in range(1, cfg.epochs + 1):
             order = torch.randperm(n, generator=order_gen)  # (N,) on the CPU, where the images are
-            loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
-            epoch_lr = lr_at(cfg, step, steps_per_epoch)
-            bar = tqdm(range(steps_per_epoch), desc=f"linear {epoch}/{cfg.epochs}", disable=not progress,
-                       leave=False, dynamic_ncols=True)
-            for i in bar:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, step, steps_per_epoch)
-                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]  # (B,)
+            loss_sum = torch.zeros((), device=device)
+            first = (epoch - 1) * steps_per_epoch
+
+            def batch_loss(step: int) -> torch.Tensor:
+                nonlocal correct, loss_sum
+                idx = order[(step - first) * cfg.batch_size : (step - first + 1) * cfg.batch_size]  # (B,)
                 if cfg.augment == "none":
                     idx = idx.to(device)
                     x, y = train_x[idx], train_y[idx]  # (B, D), (B,)
@@ -237,26 +233,27 @@ def linear_probe(
                         x = backbone(augment(images, augment_gen)).float().flatten(1)  # (B, D)
                 logits = fc(x)  # (B, num_classes)
                 loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(dim=1) == y).sum()
-            bar.close()
+                loss_sum += loss.detach() * len(y)
+                return loss
+
+            steps = tqdm(range(first, first + steps_per_epoch), desc=f"linear {epoch}/{cfg.epochs}",
+                         disable=not progress, leave=False, dynamic_ncols=True)
+            for _ in sgd_steps(optimizer, lambda s: linear_lr(cfg, s, steps_per_epoch), steps, batch_loss,
+                               f"lower the lr (now {cfg.lr} for batch {LR_BATCH_SIZE})"):
+                pass
+            epoch_lr = linear_lr(cfg, first, steps_per_epoch)
             train_loss = (loss_sum / n).item()
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"the linear classifier's loss became {train_loss} in epoch {epoch}: "
-                                         f"lower the lr (now {cfg.lr} for batch {LR_BATCH_SIZE})")
             top1, top5 = accuracy(fc, test_x, test_y)
             history.append({"epoch": epoch, "lr": epoch_lr, "train_loss": train_loss,
                             "train_top1": 100.0 * correct.item() / n, "test_top1": top1, "test_top5": top5})
+            top5_text = f", top-5 {top5:.2f}%" if top5 is not None else ""
             echo(f"epoch {epoch}/{cfg.epochs}: lr {epoch_lr:.4g}, train loss {train_loss:.4f}, "
-                 f"train top-1 {history[-1]['train_top1']:.2f}%, test top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+                 f"train top-1 {history[-1]['train_top1']:.2f}%, test top-1 {top1:.2f}%{top5_text}")
         check_frozen(before, backbone)
     best = max(history, key=lambda h: h["test_top1"])  # the first epoch with the highest top-1
     result = LinearResult(best["test_top1"], best["test_top5"], best["epoch"], history[-1]["test_top1"],
                           history[-1]["test_top5"], history)
-    echo(f"linear evaluation: best top-1 {result.best_top1:.2f}% (top-5 {result.best_top5:.2f}%) at epoch "
-         f"{result.best_epoch}; final top-1 {result.final_top1:.2f}%, top-5 {result.final_top5:.2f}%")
+    echo(f"linear evaluation: best top-1 {result.best_top1:.2f}% at epoch {result.best_epoch}; final top-1 "
+         f"{result.final_top1:.2f}%")
     return result

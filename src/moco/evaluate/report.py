@@ -9,11 +9,9 @@ state (and the caller's backend) alone.
 
 import base64
 import html
-import importlib.util
 import io
 import itertools
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +20,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..config import PretrainConfig, from_dict, load_yaml
-from ..data.augment import EvalTransform
+from ..checkpoints import LAST, load_encoder
+from ..config import PretrainConfig, from_dict, load_yaml, opt
 from ..data.sources import ImageSet, has_split, load_images
-from ..errors import CheckpointError, ConfigError, DataError, MocoError
+from ..errors import CheckpointError, ConfigError, DataError
+from ..extras import require
+from ..files import atomic_write, write_text
 from ..runtime import resolve_device
-from ..train.checkpoint import LAST
+from .data import eval_transform, fit_channels
 from .features import extract_features
-from .load import load_encoder
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -54,18 +53,20 @@ class _Unavailable(Exception):
     """Why the embedding sections cannot be made (the report says so instead)."""
 
 
-def report(
-    run_dir: str | Path,
-    out: str | Path | None = None,
-    tsne_points: int = 2000,
-    queries: int = 8,
-    neighbours: int = 8,
-    echo: Callable[[str], None] = print,
-) -> Path:
-    """Write the report of the run in `run_dir` to `out` (default `run_dir/report`); returns report.html.
+@dataclass
+class ReportConfig:
+    """What a run's report shows."""
 
-    `tsne_points=0` or `queries=0` leaves out the t-SNE map or the retrieval grid.
-    """
+    out: str | None = opt(None, "output folder (default: RUN_DIR/report)")
+    tsne_points: int = opt(2000, "test images in the t-SNE map (0: no map)")
+    queries: int = opt(8, "test images whose nearest training images are shown (0: no retrievals)")
+    neighbours: int = opt(8, "nearest training images shown for each query")
+
+
+def report(run_dir: str | Path, options: ReportConfig | None = None, echo: Callable[[str], None] = print) -> Path:
+    """Write the report of the run in `run_dir` to options.out (default `run_dir/report`); returns report.html."""
+    options = options or ReportConfig()
+    out, tsne_points, queries, neighbours = options.out, options.tsne_points, options.queries, options.neighbours
     for name, value, least in (("tsne_points", tsne_points, 0), ("queries", queries, 0), ("neighbours", neighbours, 1)):
         if value < least:
             raise ConfigError(f"{name} must be >= {least}, got {value}")
@@ -78,9 +79,9 @@ def report(
     config_text = config_path.read_text()
     cfg = from_dict(load_yaml(config_path))
     metrics = read_metrics(run_dir / "metrics.jsonl")
-    _require("matplotlib", "draws the report's plots")
+    require("matplotlib", "moco report's plots")
     if tsne_points:
-        _require("sklearn", "makes the t-SNE map", "scikit-learn")
+        require("sklearn", "moco report's t-SNE map")
     out = Path(out) if out is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -139,11 +140,6 @@ def read_metrics(path: Path) -> Metrics:
     return Metrics([train[s] for s in sorted(train)], [epochs[e] for e in sorted(epochs)], skipped)
 
 
-def _require(module: str, purpose: str, package: str | None = None) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise MocoError(f"{package or module} {purpose}: `pip install {package or module}`")
-
-
 def _figure(width: float, height: float) -> "Figure":
     """A figure outside pyplot: rendered by Agg, no global state touched."""
     from matplotlib.figure import Figure
@@ -154,7 +150,7 @@ def _figure(width: float, height: float) -> "Figure":
 def _summary(run_dir: Path, cfg: PretrainConfig, metrics: Metrics) -> str:
     m, d, o = cfg.model, cfg.data, cfg.optim
     parts = [
-        f"Run folder {run_dir}: {m.mechanism} with a {m.arch} backbone on {d.dataset}, "
+        f"Run folder {run_dir}: {m.method} with a {m.arch} backbone on {d.dataset}, "
         f"K={m.queue_size}, m={m.key_momentum}, T={m.temperature}, batch {d.batch_size}, "
         f"{o.epochs} epochs planned."
     ]
@@ -189,9 +185,9 @@ def _loss_accuracy_plot(train: list[dict], epochs: list[dict], cfg: PretrainConf
                      label="epoch mean")
         acc_ax.plot([r["step"] for r in epochs], [r["acc"] for r in epochs], "o", ms=4, color="tab:orange",
                     label="epoch mean")
-    if cfg.model.mechanism == "moco":
-        loss_ax.axhline(math.log(cfg.model.queue_size + 1), ls="--", lw=1, color="grey",
-                        label=f"chance: ln(K+1), K={cfg.model.queue_size}")
+    chance = next((r["chance_loss"] for r in epochs if "chance_loss" in r), None)  # logged by the run
+    if chance is not None:
+        loss_ax.axhline(chance, ls="--", lw=1, color="grey", label=f"chance: ln(candidates) = {chance:.2f}")
     loss_ax.set(title="InfoNCE training loss", xlabel="step", ylabel="loss")
     acc_ax.set(title="(K+1)-way contrastive accuracy", xlabel="step", ylabel="positive key ranked first (%)")
     for ax in (loss_ax, acc_ax):
@@ -292,11 +288,10 @@ def _load_embedding_inputs(
     train = load_images(d.dataset, "train", d.data_root, d.image_size)
     if test.labels is None or train.labels is None or test.classes is None:
         raise _Unavailable(f"{test.name} has no labels.")
-    if test.channels != encoder.channels:
-        raise _Unavailable(f"{test.name} has {test.channels}-channel images, the encoder takes {encoder.channels}.")
+    train, test = fit_channels(train, encoder), fit_channels(test, encoder)
     device = resolve_device("auto")
     backbone = encoder.backbone.to(device)
-    transform = EvalTransform(encoder.size or test.image_size, encoder.mean, encoder.std).to(device)
+    transform = eval_transform(encoder, test, device)
     return lambda images: extract_features(backbone, images, transform, device), train, test
 
 
@@ -429,21 +424,19 @@ class _Document:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=DPI)
         png = buffer.getvalue()
-        (self.folder / name).write_bytes(png)
+        atomic_write(self.folder / name, lambda tmp: tmp.write_bytes(png))
         self.md.append(f"![{alt}]({name})")
         data = base64.b64encode(png).decode("ascii")
         self.html.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>')
 
     def write(self) -> Path:
-        (self.folder / "report.md").write_text("\n\n".join(self.md) + "\n", encoding="utf-8")
+        write_text(self.folder / "report.md", "\n\n".join(self.md) + "\n")
         title = html.escape(self.md[0].lstrip("# "))
         page = (
             f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>\n'
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(self.html) + "\n</body></html>\n"
         )
-        path = self.folder / "report.html"
-        path.write_text(page, encoding="utf-8")
-        return path
+        return write_text(self.folder / "report.html", page)
 
 
 _CSS = (

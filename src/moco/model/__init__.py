@@ -1,13 +1,18 @@
-"""The MoCo model and its parts."""
+"""The pretraining methods and their parts: encoders, heads, split BN, the momentum encoder, the queue."""
 
 from .backbones import BACKBONES, SmallCNN, build_backbone, resnet
+from .base import METHODS, Method, method_class, register
 from .batchnorm import SplitBatchNorm2d, convert_split_bn
-from .build import MECHANISMS, build_encoder, build_moco
+from .build import build_encoder, build_method, check_model_config
+from .end_to_end import EndToEnd
 from .heads import HEADS, Encoder, build_head
-from .mechanisms import EndToEnd, MemoryBank
+from .memory_bank import MemoryBank
 from .moco import MoCo
+from .momentum import momentum_copy, momentum_update
+from .queue import KeyQueue
 
 __all__ = [
-    "BACKBONES", "HEADS", "MECHANISMS", "EndToEnd", "Encoder", "MemoryBank", "MoCo", "SmallCNN", "SplitBatchNorm2d", "build_backbone",
-    "build_encoder", "build_head", "build_moco", "convert_split_bn", "resnet",
+    "BACKBONES", "HEADS", "METHODS", "EndToEnd", "Encoder", "KeyQueue", "MemoryBank", "Method", "MoCo", "SmallCNN",
+    "SplitBatchNorm2d", "build_backbone", "build_encoder", "build_head", "build_method", "check_model_config",
+    "convert_split_bn", "method_class", "momentum_copy", "momentum_update", "register", "resnet",
 ]

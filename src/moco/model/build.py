@@ -1,17 +1,28 @@
-"""Build the MoCo model that a config describes, around a named or user-supplied backbone."""
+"""Build the pretraining method a config describes, around a named or user-supplied backbone."""
 
 from torch import nn
 
 from .. import distributed as dist
-
-from ..config import ModelConfig
-from .backbones import build_backbone, feature_dim
+from ..config import ModelConfig, PretrainConfig
+from ..errors import ConfigError
+from .backbones import BACKBONES, build_backbone, feature_dim
+from .base import Method, method_class
 from .batchnorm import convert_split_bn
-from .heads import Encoder, build_head
-from .mechanisms import EndToEnd, MemoryBank
-from .moco import MoCo
+from .heads import HEADS, Encoder, build_head
+from .moco import MoCo  # noqa: F401, I001  (registers the methods, in the order `--help` names them)
+from .end_to_end import EndToEnd  # noqa: F401, I001
+from .memory_bank import MemoryBank  # noqa: F401, I001
 
-MECHANISMS = ("moco", "end_to_end", "memory_bank")
+
+def check_model_config(cfg: PretrainConfig, world: int = 1) -> None:
+    """Raise ConfigError if the model part of `cfg` names an unknown architecture, head or method, or if its
+    method cannot run `cfg` on `world` processes."""
+    m = cfg.model
+    if m.arch not in BACKBONES:
+        raise ConfigError(f"arch={m.arch!r} is unknown; choose one of {', '.join(BACKBONES)}")
+    if m.head not in HEADS:
+        raise ConfigError(f"head={m.head!r} is unknown; choose one of {', '.join(HEADS)}")
+    method_class(m.method).check(cfg, world)
 
 
 def build_encoder(cfg: ModelConfig, in_channels: int, image_size: int, backbone: nn.Module | None = None) -> Encoder:
@@ -23,23 +34,10 @@ def build_encoder(cfg: ModelConfig, in_channels: int, image_size: int, backbone:
     return Encoder(backbone, head)
 
 
-def build_moco(
-    cfg: ModelConfig, in_channels: int, image_size: int, backbone: nn.Module | None = None, num_images: int = 0
-) -> MoCo | EndToEnd | MemoryBank:
-    """The contrastive model of cfg.mechanism, with split BN (bn_splits sub-batches) in its encoders,
-    as shuffling BN on one process. `num_images` sizes the memory bank."""
+def build_method(cfg: ModelConfig, in_channels: int, image_size: int, backbone: nn.Module | None = None,
+                 num_images: int = 0) -> Method:
+    """The method of cfg.method, with split BN (bn_splits sub-batches over all processes) in its encoder,
+    as shuffling BN on one process. `num_images` is the training set's size (the memory bank's)."""
     groups = cfg.bn_splits // dist.world_size()  # bn_splits counts the BN groups of all processes
     encoder = convert_split_bn(build_encoder(cfg, in_channels, image_size, backbone), groups)
-    if cfg.mechanism == "end_to_end":
-        return EndToEnd(encoder, T=cfg.temperature, shuffle_bn=cfg.shuffle_bn)
-    if cfg.mechanism == "memory_bank":
-        return MemoryBank(encoder, cfg.dim, num_images, K=cfg.queue_size, T=cfg.temperature)
-    return MoCo(
-        encoder,
-        dim=cfg.dim,
-        K=cfg.queue_size,
-        m=cfg.key_momentum,
-        T=cfg.temperature,
-        symmetric=cfg.symmetric,
-        shuffle_bn=cfg.shuffle_bn,
-    )
+    return method_class(cfg.method).build(cfg, encoder, num_images)

@@ -6,10 +6,9 @@
     logits = [q . k, q . queue^T] / T                   (B, 1 + K), the positive at index 0
     enqueue k, dequeue the oldest
 
-The loss stays outside: cross-entropy(logits, labels) with labels all 0 is InfoNCE.
+The loss is `Method.loss`: cross-entropy(logits, labels) with labels all 0 is InfoNCE.
 """
 
-import copy
 import math
 
 import torch
@@ -17,10 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dist
+from ..config import ModelConfig, PretrainConfig
 from ..errors import ConfigError
+from .base import Method, register
+from .momentum import momentum_copy, momentum_update
+from .queue import KeyQueue
 
 
-class MoCo(nn.Module):
+@register("moco")
+class MoCo(Method):
     """MoCo v1/v2 around a user's `encoder_q` (backbone + head, output `dim` wide).
 
     Args:
@@ -35,8 +39,6 @@ class MoCo(nn.Module):
             split/per-device BN statistics cannot reveal the positive.
     """
 
-    uses_key_view = True
-
     def __init__(
         self,
         encoder_q: nn.Module,
@@ -47,37 +49,38 @@ class MoCo(nn.Module):
         symmetric: bool = False,
         shuffle_bn: bool = True,
     ) -> None:
-        super().__init__()
-        if K < 1:
-            raise ConfigError(f"queue size K must be >= 1, got {K}")
+        super().__init__(encoder_q)
         if not 0.0 <= m < 1.0:
             raise ConfigError(f"key momentum m must be in [0, 1), got {m}")
-        if T <= 0:
-            raise ConfigError(f"temperature T must be > 0, got {T}")
-        self.K, self.m, self.T = K, m, T
+        if not 0 < T < math.inf:
+            raise ConfigError(f"temperature T must be a finite number > 0, got {T}")
+        self.m, self.T = m, T
         self.symmetric = symmetric
         self.shuffle_bn = shuffle_bn
-        self.encoder_q = encoder_q
-        self.encoder_k = copy.deepcopy(encoder_q)
-        self.encoder_k.requires_grad_(False)
-        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))  # (K, D)
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # index of the oldest key
+        self.encoder_k = momentum_copy(encoder_q)
+        self.queue = KeyQueue(K, dim)
 
-    @torch.no_grad()
+    @classmethod
+    def build(cls, cfg: ModelConfig, encoder: nn.Module, num_images: int) -> "MoCo":
+        return cls(encoder, cfg.dim, cfg.queue_size, cfg.key_momentum, cfg.temperature, cfg.symmetric,
+                   cfg.shuffle_bn)
+
+    @classmethod
+    def check(cls, cfg: PretrainConfig, world: int) -> None:
+        m = cfg.model
+        keys_per_step = cfg.data.batch_size * (2 if m.symmetric else 1)
+        if m.queue_size < keys_per_step:
+            raise ConfigError(f"queue_size K={m.queue_size} is smaller than the {keys_per_step} keys enqueued per "
+                              f"step (batch_size{' x2 for symmetric' if m.symmetric else ''}); make "
+                              f"K >= {keys_per_step}")
+
+    @property
+    def K(self) -> int:
+        return len(self.queue)
+
     def momentum_update(self) -> None:
-        """theta_k <- m theta_k + (1 - m) theta_q, as one foreach lerp over all parameters."""
-        params_k = list(self.encoder_k.parameters())
-        params_q = [p.detach() for p in self.encoder_q.parameters()]
-        torch._foreach_lerp_(params_k, params_q, 1.0 - self.m)
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write `keys` (B, D) over the B oldest entries of the queue, wrapping around its end."""
-        if keys.shape[0] > self.K:
-            raise ConfigError(f"a batch of {keys.shape[0]} keys does not fit a queue of K={self.K}; make K >= batch")
-        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K  # (B,)
-        self.queue.index_copy_(0, idx, keys.to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
+        """theta_k <- m theta_k + (1 - m) theta_q."""
+        momentum_update(self.encoder_k, self.encoder_q, self.m)
 
     @torch.no_grad()
     def keys(self, x_k: torch.Tensor) -> torch.Tensor:
@@ -102,8 +105,8 @@ class MoCo(nn.Module):
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """[q . k+, q . queue] / T, shape (B, 1 + K); the positive is column 0."""
         l_pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
-        # A copy: autograd keeps the queue for q's gradient, and enqueue() overwrites it in place before backward.
-        l_neg = q @ self.queue.clone().T  # (B, K); the queue is a buffer: no gradient into it
+        # A copy: autograd keeps the queue for q's gradient, and push() overwrites it in place before backward.
+        l_neg = q @ self.queue.keys.clone().T  # (B, K); the queue is a buffer: no gradient into it
         return torch.cat([l_pos, l_neg], dim=1) / self.T  # (B, 1 + K)
 
     def forward(
@@ -111,8 +114,7 @@ class MoCo(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views (B, C, H, W) of the same images -> logits (B', 1 + K) and labels (B',) of zeros.
 
-        B' = B, or 2B with the symmetric loss (both views as queries). `index` (the images' indices in
-        the data set) is not needed by MoCo; it is part of the interface the mechanisms share.
+        B' = B, or 2B with the symmetric loss (both views as queries). `index` is not used by MoCo.
         """
         q = F.normalize(self.encoder_q(x_q).float(), dim=1)  # (B, D)
         self.momentum_update()
@@ -125,7 +127,7 @@ class MoCo(nn.Module):
         else:
             logits = self.logits(q, k)  # (B, 1 + K)
             keys = k
-        self.enqueue(self.global_batch(keys))
+        self.queue.push(self.global_batch(keys))
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # (B',)
         return logits, labels
 
@@ -133,8 +135,8 @@ class MoCo(nn.Module):
     def global_batch(self, keys: torch.Tensor) -> torch.Tensor:
         """Every process's keys (V*B, D), V views of B images, in the global batch's order.
 
-        Process r holds block r of the global batch (see the training loop), so with one view the
-        gathered [process 0 | process 1 | ...] rows are that order; with two, the views are regrouped.
+        Process r holds block r of the global batch (see the trainer), so with one view the gathered
+        [process 0 | process 1 | ...] rows are that order; with two, the views are regrouped.
         """
         w = dist.world_size()
         if w == 1:
@@ -143,10 +145,18 @@ class MoCo(nn.Module):
         gathered = dist.all_gather(keys)  # (W*V*B, D)
         return gathered.view(w, views, -1, keys.shape[1]).transpose(0, 1).reshape(-1, keys.shape[1])
 
-    def key_sample(self) -> torch.Tensor:
-        """Recent keys (K, D), for the collapse diagnostic."""
-        return self.queue
+    def compile_encoders(self) -> None:
+        super().compile_encoders()
+        self.encoder_k.compile()
 
     def chance(self, batch_size: int) -> tuple[int, int]:
-        """(candidates per query, first step whose negatives are all real keys rather than the random init)."""
         return self.K + 1, math.ceil(self.K / (batch_size * (2 if self.symmetric else 1)))
+
+    def key_sample(self) -> torch.Tensor:
+        return self.queue.keys
+
+    def queue_size(self) -> int:
+        return self.K
+
+    def keys_per_image(self) -> int:
+        return 2 if self.symmetric else 1

@@ -1,38 +1,25 @@
-"""SGD and the per-iteration learning-rate schedule (linear warm-up, then cosine, step or constant)."""
+"""The optimizer of a pretraining run and its learning rate at every iteration."""
 
-import math
+from collections.abc import Iterable
 
 import torch
 
 from ..config import OptimConfig
+from .schedule import lr_at, scaled_lr
 
 
-def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:
-    """The linear scaling rule: lr is given for lr_batch_size images and scales with the batch."""
-    return cfg.lr * batch_size / cfg.lr_batch_size
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, batch_size: int) -> torch.optim.SGD:
+    """SGD with momentum and weight decay, at the batch-scaled learning rate."""
+    return torch.optim.SGD(params, lr=scaled_lr(cfg.lr, batch_size, cfg.lr_batch_size), momentum=cfg.sgd_momentum,
+                           weight_decay=cfg.weight_decay)
 
 
-def build_optimizer(params, cfg: OptimConfig, batch_size: int) -> torch.optim.SGD:
-    return torch.optim.SGD(
-        params, lr=scaled_lr(cfg, batch_size), momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay
-    )
-
-
-def lr_at(step: int, steps_per_epoch: int, cfg: OptimConfig, batch_size: int) -> float:
-    """The learning rate of iteration `step` (0-based) of a run of cfg.epochs epochs."""
-    base = scaled_lr(cfg, batch_size)
-    epoch = step / steps_per_epoch  # fractional epoch
-    if epoch < cfg.warmup_epochs:
-        return base * epoch / cfg.warmup_epochs
-    if cfg.schedule == "cosine":
-        progress = (epoch - cfg.warmup_epochs) / (cfg.epochs - cfg.warmup_epochs)
-        return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    if cfg.schedule == "step":
-        return base * 0.1 ** sum(epoch >= milestone for milestone in cfg.lr_steps)
-    return base
+def pretrain_lr(step: int, steps_per_epoch: int, cfg: OptimConfig, batch_size: int) -> float:
+    """The learning rate of iteration `step` of a run of cfg.epochs epochs (warm-up and milestones in epochs)."""
+    return lr_at(step, cfg.epochs * steps_per_epoch, scaled_lr(cfg.lr, batch_size, cfg.lr_batch_size), cfg.schedule,
+                 [m * steps_per_epoch for m in cfg.lr_steps], cfg.warmup_epochs * steps_per_epoch)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-

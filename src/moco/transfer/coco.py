@@ -25,18 +25,19 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from ..extras import require
+from ..files import write_text
 from .scenes import Scenes, semantic_from_instances
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _pycocotools():
-    try:
-        from pycocotools import mask as mask_utils
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        raise DataError("COCO files and metrics need pycocotools: pip install pycocotools") from None
+    require("pycocotools", "COCO files and metrics")
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     return COCO, COCOeval, mask_utils
 
 
@@ -120,10 +121,10 @@ def write_scenes(scenes: Scenes, root: str | Path, split: str) -> Path:
         mask = Image.fromarray(semantic.numpy())
         mask.putpalette(palette)  # makes the grey image a palette ("P") image with the same indices
         mask.save(root / "SegmentationClass" / f"{name}.png")
-    (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
-    (root / "classes.txt").write_text("".join(f"{c}\n" for c in scenes.classes))
+    write_text(root / "ImageSets" / "Segmentation" / f"{split}.txt", "".join(f"{n}\n" for n in names))
+    write_text(root / "classes.txt", "".join(f"{c}\n" for c in scenes.classes))
     path = root / "annotations" / f"instances_{split}.json"
-    path.write_text(json.dumps(coco_dataset(scenes, [f"{n}.png" for n in names])))
+    write_text(path, json.dumps(coco_dataset(scenes, [f"{n}.png" for n in names])))
     return path
 
 

@@ -13,29 +13,23 @@ target and comparing against the source backbone, and only then renamed into pla
 raises ExportCheckError and leaves the output path as it was.
 """
 
-import argparse
-import json
 import pickle
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ..config import from_dict
-from ..errors import CheckpointError, ConfigError, MocoError
-from ..evaluate.load import LoadedEncoder, load_encoder
-from ..model.backbones import build_backbone
-from ..train.checkpoint import atomic_write
+from ..checkpoints import LoadedEncoder, load_encoder, read_safetensors, write_safetensors
+from ..errors import ConfigError, MocoError
+from ..extras import require
+from ..files import atomic_write
 
 FORMATS = ("torchvision", "timm", "detectron2", "safetensors")
-SAFETENSORS_FORMAT, FORMAT_VERSION = "moco-encoder", 1
 # Blocks per stage (res2..res5) and convolutions per block (basic: 2, bottleneck: 3) of the ResNets we export.
 RESNET_STRUCTURE = {"resnet18": ((2, 2, 2, 2), 2), "resnet34": ((3, 4, 6, 3), 2), "resnet50": ((3, 4, 6, 3), 3)}
 BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -66,7 +60,7 @@ def export_encoder(checkpoint: str | Path, fmt: str, out: str | Path, arch: str 
         raise ConfigError(f"--out {out} is the checkpoint itself; choose another output file")
     encoder = load_encoder(checkpoint, arch)
     _check_exportable(encoder, fmt)
-    timm = _import_timm() if fmt == "timm" else None
+    timm = require("timm", "the timm export format") if fmt == "timm" else None
     weights = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()}
     if fmt == "torchvision":
         notes = _export_torchvision(encoder, weights, out)
@@ -82,19 +76,11 @@ def export_encoder(checkpoint: str | Path, fmt: str, out: str | Path, arch: str 
     return Export(out, fmt, encoder, len(weights), notes)
 
 
-def _import_timm() -> ModuleType:
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError("the timm format needs the timm package: pip install timm") from None
-    return timm
-
-
 def _check_exportable(encoder: LoadedEncoder, fmt: str) -> None:
     if fmt != "safetensors" and encoder.arch not in RESNET_STRUCTURE:
         raise ConfigError(
             f"the {encoder.arch} backbone is not a torchvision ResNet, so torchvision, timm and detectron2 cannot "
-            "build it; export it with --format safetensors (moco.transfer.export.read_safetensors rebuilds it)"
+            "build it; export it with --format safetensors (moco.checkpoints.read_safetensors rebuilds it)"
         )
     if fmt == "detectron2" and _small_stem(encoder):
         raise ConfigError(
@@ -315,23 +301,6 @@ def _check_detectron2(payload: dict[str, Any], encoder: LoadedEncoder, weights: 
 
 
 def _export_safetensors(encoder: LoadedEncoder, weights: dict[str, torch.Tensor], out: Path) -> list[str]:
-    first_conv = next(v for v in weights.values() if v.dim() == 4)
-    backbone = {"name": encoder.arch, "in_channels": first_conv.shape[1], "width": first_conv.shape[0],
-                "small_stem": first_conv.shape[-1] == 3}  # build_backbone's arguments
-    metadata = {
-        "format": SAFETENSORS_FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "arch": encoder.arch,
-        "layout": encoder.layout,
-        "channels": json.dumps(encoder.channels),
-        "image_size": json.dumps(encoder.size),
-        "mean": json.dumps(encoder.mean),
-        "std": json.dumps(encoder.std),
-        "backbone": json.dumps(backbone),
-    }
-    if encoder.config is not None:
-        metadata["config"] = json.dumps(asdict(encoder.config))
-
     def check(tmp: Path) -> None:
         rebuilt = read_safetensors(tmp)
         _check_same_tensors(weights, rebuilt.backbone.state_dict())
@@ -340,36 +309,10 @@ def _export_safetensors(encoder: LoadedEncoder, weights: dict[str, torch.Tensor]
             raise ExportCheckError("the metadata read back differs from the source encoder's")
         _check_same_function(encoder, rebuilt.backbone)
 
-    _write_checked(out, lambda tmp: save_file(weights, tmp, metadata), check)
+    _write_checked(out, lambda tmp: write_safetensors(encoder, tmp), check)
     return ["load it with:",
-            f"  moco.transfer.read_safetensors({str(out)!r})  # the backbone rebuilt, with its preprocessing",
+            f"  moco.checkpoints.read_safetensors({str(out)!r})  # the backbone rebuilt, with its preprocessing",
             f"  or safetensors.torch.load_file({str(out)!r}) and the header's metadata (arch, backbone, mean, std)"]
-
-
-def read_safetensors(path: str | Path) -> LoadedEncoder:
-    """The backbone of a safetensors export, rebuilt from its metadata, in eval mode on the CPU."""
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    if meta.get("format") != SAFETENSORS_FORMAT:
-        raise CheckpointError(f"{path} is not a moco encoder export (metadata format {meta.get('format')!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(f"{path} is encoder export version {meta.get('format_version')}; this moco reads "
-                              f"version {FORMAT_VERSION}")
-    backbone = build_backbone(**json.loads(meta["backbone"]))
-    expected = set(backbone.state_dict())
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit a {meta['arch']} backbone: missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}")
-    backbone.load_state_dict(tensors)
-    config = from_dict(json.loads(meta["config"])) if "config" in meta else None
-    return LoadedEncoder(backbone.eval(), "safetensors", meta["arch"], json.loads(meta["channels"]),
-                         json.loads(meta["image_size"]), json.loads(meta["mean"]), json.loads(meta["std"]), config)
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -381,36 +324,3 @@ def _write_checked(path: Path, write: Callable[[Path], object], check: Callable[
         atomic_write(path, write, check)
     except ExportCheckError as e:
         raise ExportCheckError(f"the export failed its check, so {path} was not written: {e}") from None
-
-
-# --- command line -----------------------------------------------------------------------------------
-
-
-def add_export_parser(sub: argparse._SubParsersAction) -> None:
-    """Add `moco export` to the `moco` command's subparsers."""
-    p = sub.add_parser(
-        "export", help="write the pretrained backbone for torchvision, timm, Detectron2 or as safetensors",
-        description="Write the query encoder's backbone, without the projection head, for another library. Each "
-        "file is checked on the way out by loading it back into its target (torchvision or timm model; "
-        "Detectron2: names and tensors against the official MoCo converter's renaming; safetensors: the rebuilt "
-        "backbone) and comparing features with the source; a failed check writes nothing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("checkpoint", help="a checkpoint of this project, of the official MoCo v1/v2/v3 releases, or a "
-                   "torchvision ResNet state_dict")
-    p.add_argument("--format", required=True, choices=FORMATS,
-                   help="torchvision/timm: state_dict (.pth); detectron2: .pkl for MODEL.WEIGHTS; safetensors: "
-                   "tensors + metadata (the only one for small_cnn)")
-    p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--arch", help="architecture of a checkpoint that does not name it (resnet18/34/50)")
-    p.set_defaults(func=cmd_export)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    result = export_encoder(args.checkpoint, args.format, args.out, args.arch)
-    enc = result.encoder
-    print(f"wrote {result.path}: the {enc.arch} backbone of {args.checkpoint} ({enc.layout}; {result.tensors} "
-          f"tensors, no projection head) for {result.format}, checked by loading it back")
-    for line in result.notes:
-        print(line)
-    return 0

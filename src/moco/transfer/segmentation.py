@@ -1,6 +1,6 @@
 """Fine-tune an encoder for semantic segmentation: a DeepLabV3 (ASPP) or FCN head on its last stage.
 
-Same protocol as detection (see detection.py): one model, schedule and set of hyper-parameters for every
+The protocol of finetune.py: one model, schedule and set of hyper-parameters for every
 initialisation; norm frozen | bn | syncbn and trainable_layers apply to the backbone. The head is new,
 so its own BatchNorms always train (torchvision's heads are built with them).
 
@@ -12,7 +12,6 @@ the ground truth or the prediction) and pixel accuracy, both from one confusion 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,11 +22,11 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
+from ..checkpoints import LoadedEncoder
+from ..config import opt
 from ..errors import ConfigError, DataError
-from ..evaluate.load import LoadedEncoder
 from ..runtime import resolve_device
-from .detection import (FinetuneConfig, check_scenes, check_config, load_initialisation, load_task_data,
-                        prepare_backbone, scenes_mean_std, schedule_kwargs, train_loop)
+from .finetune import FinetuneConfig, check_config, check_scenes, finetune_loop, prepare_backbone, scenes_mean_std
 from .scenes import IGNORE, Scenes, match_channels
 
 HEADS = ("deeplab", "fcn")
@@ -35,7 +34,7 @@ HEADS = ("deeplab", "fcn")
 
 @dataclass
 class SegmentationConfig(FinetuneConfig):
-    head: str = "deeplab"  # deeplab: ASPP (DeepLabV3) | fcn: one 3x3 conv (FCN-32s style)
+    head: str = opt("deeplab", "deeplab: ASPP (DeepLabV3) | fcn: one 3x3 conv (FCN-32s style)")
 
 
 class Segmenter(nn.Module):
@@ -153,17 +152,7 @@ def finetune_segmentation(encoder: LoadedEncoder | None, arch: str, train_scenes
 
     echo(f"fine-tuning {cfg.head} segmentation ({arch}, {'random init' if encoder is None else encoder.layout}, "
          f"norm {cfg.norm}) on {len(train_scenes)} scenes")
-    train_loop(model, cfg, step_loss, len(train_scenes), echo)
+    finetune_loop(model, cfg, step_loss, len(train_scenes), echo)
     metrics = evaluate_segmenter(model, test_scenes, channels, device)
     echo("  " + "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
     return metrics
-
-
-def cmd_segment(args: argparse.Namespace) -> int:
-    encoder, arch = load_initialisation(args)
-    train, test = load_task_data(args, instances=False)
-    cfg = SegmentationConfig(**schedule_kwargs(args), head=args.head)
-    metrics = finetune_segmentation(encoder, arch, train, test, cfg)
-    print(f"segmentation on {test.name} ({len(test)} images): "
-          + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    return 0

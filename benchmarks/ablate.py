@@ -11,21 +11,18 @@ machine and the command; runs already in the CSV with the same config are not re
 folder (with its checkpoint) is under OUT/runs/, its metrics are copied to OUT/curves/.
 """
 
-import csv
 import json
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from moco import config as C
+from moco.errors import ConfigError
+from moco.files import write_text
+from moco.pipeline import pretrain
 
-from .. import config as C
-from ..errors import ConfigError
-from ..train.loop import pretrain
+from .provenance import command, commit, machine, read_rows, write_rows
 
 STUDIES = ("momentum", "mechanisms", "shuffle_bn", "heads")
 
@@ -43,11 +40,11 @@ def plan(studies: tuple[str, ...] = STUDIES) -> list[Run]:
         runs += [Run("momentum", f"m={m}", {"key_momentum": m}) for m in (0.0, 0.9, 0.99, 0.999)]
     if "mechanisms" in studies:
         for K in (256, 1024, 4096, 16384):
-            runs.append(Run("mechanisms", f"moco K={K}", {"mechanism": "moco", "queue_size": K}))
-            runs.append(Run("mechanisms", f"memory_bank K={K}", {"mechanism": "memory_bank", "queue_size": K}))
+            runs.append(Run("mechanisms", f"moco K={K}", {"method": "moco", "queue_size": K}))
+            runs.append(Run("mechanisms", f"memory_bank K={K}", {"method": "memory_bank", "queue_size": K}))
         for batch in (128, 256, 512, 1024):  # end-to-end: K = batch - 1
             runs.append(Run("mechanisms", f"end_to_end K={batch - 1}",
-                            {"mechanism": "end_to_end", "batch_size": batch}))
+                            {"method": "end_to_end", "batch_size": batch}))
     if "shuffle_bn" in studies:
         runs += [Run("shuffle_bn", f"shuffle_bn={on}", {"shuffle_bn": on}) for on in (True, False)]
     if "heads" in studies:
@@ -63,32 +60,6 @@ def run_key(cfg: C.PretrainConfig) -> str:
     settings = asdict(cfg)
     del settings["run"]["out_dir"]
     return json.dumps(settings, sort_keys=True)
-
-
-def commit() -> str:
-    """The short commit hash, with "+dirty" when the code (src/, pyproject.toml) differs from it: results
-    files and docs that a measurement itself rewrites do not count."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)src",
-                                ":(top)pyproject.toml"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = STUDIES, epochs: int = 3,
@@ -126,7 +97,7 @@ def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = ST
         echo(f"    kNN top-1 {result.knn['top1']:.2f}%, loss {result.loss:.3f}")
         write_rows(csv_path, list(rows.values()))  # after every run: an interrupted ablation keeps its results
     header = {"commit of each run": ", ".join(sorted({r.get("commit") or "unknown" for r in rows.values()})),
-              "table written at commit": commit(), "machine": machine(), "command": " ".join(["moco", *sys.argv[1:]]) or "moco ablate",
+              "table written at commit": commit(), "machine": machine(), "command": command("ablate"),
               "budget": f"{epochs} epochs on the first {train_subset} Fashion-MNIST training images, CPU preset"}
     write_markdown(out / "results.md", list(rows.values()), header)
     plot(out, list(rows.values()))
@@ -138,27 +109,11 @@ def keep_curve(run_dir: Path, curve_path: Path) -> None:
     source = run_dir / "metrics.jsonl"
     if source.is_file():
         curve_path.parent.mkdir(parents=True, exist_ok=True)
-        curve_path.write_text(source.read_text())
+        write_text(curve_path, source.read_text())
 
 
 def slug(run: Run) -> str:
     return f"{run.study}-{run.name}".replace(" ", "_").replace("=", "").replace(":", "").replace(",", "")
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def write_markdown(path: Path, rows: list[dict[str, Any]], header: dict[str, str]) -> None:
@@ -173,7 +128,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], header: dict[str, str
                   f"{float(r['final_loss']):.3f} | {float(r['final_pretext_acc']):.1f} / "
                   f"{float(r['max_pretext_acc']):.1f} | {float(r['minutes']):.1f} |" for r in selected]
         lines += ["", f"![{study}]({study}.png)", ""]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def plot(out: Path, rows: list[dict[str, Any]]) -> None:

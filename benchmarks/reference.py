@@ -1,6 +1,6 @@
 """A faithful reference MoCo, written from the paper's Algorithm 1 and the official recipe.
 
-`moco bench` measures the library against this. It makes the official implementation's choices,
+`python -m benchmarks bench` measures the library against this. It makes the official implementation's choices,
 not the library's optimisations:
 
 * augmentation: torchvision transforms applied image by image to PIL images, two independent views
@@ -28,12 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from ..config import PretrainConfig
-from ..data.augment import default_blur_sigma
-from ..errors import ConfigError
-from ..model.batchnorm import SplitBatchNorm2d, convert_split_bn
-from ..model.build import build_encoder
-from ..train.optim import scaled_lr
+from moco.config import PretrainConfig
+from moco.data.augment import default_blur_sigma
+from moco.errors import ConfigError
+from moco.model import SplitBatchNorm2d, build_encoder, convert_split_bn
+from moco.train.schedule import scaled_lr
 
 # Called after every optimizer step with (steps done, model); returning True stops training.
 StepHook = Callable[[int, nn.Module], bool | None]
@@ -191,8 +190,8 @@ class ReferenceMoCo(nn.Module):
 def reference_model(cfg: PretrainConfig, channels: int, size: int) -> ReferenceMoCo:
     """The reference model of `cfg`: the library's encoder architecture, with split BN, in ReferenceMoCo."""
     m = cfg.model
-    if m.mechanism != "moco" or m.symmetric:
-        raise ConfigError("the reference implements plain MoCo only: mechanism=moco, symmetric=false")
+    if m.method != "moco" or m.symmetric:
+        raise ConfigError("the reference implements plain MoCo only: method=moco, symmetric=false")
     if m.queue_size % cfg.data.batch_size:
         raise ConfigError(f"the reference dequeues by slicing: queue_size K={m.queue_size} must be a multiple "
                           f"of batch_size={cfg.data.batch_size}")
@@ -233,7 +232,7 @@ def train_reference(
     o = cfg.optim
     model = reference_model(cfg, images.shape[1], size).to(device)
     criterion = nn.CrossEntropyLoss()
-    lr = scaled_lr(o, cfg.data.batch_size)
+    lr = scaled_lr(o.lr, cfg.data.batch_size, o.lr_batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr, momentum=o.sgd_momentum, weight_decay=o.weight_decay)
     loader = reference_loader(cfg, images, size, mean, std, workers, pin_memory=device.type == "cuda")
     model.train()

@@ -6,20 +6,20 @@ semantic segmentation (DeepLabV3 head) on scenes composed of real Fashion-MNIST 
 which pretraining never sees. Results: a CSV, a Markdown table, plots, with the commit, machine and command.
 """
 
-import csv
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import config as C
-from ..evaluate.load import load_encoder
-from ..train.loop import pretrain
-from ..train.supervised import supervised
-from ..transfer.detection import DetectionConfig, finetune_detection
-from ..transfer.scenes import make_scenes
-from ..transfer.segmentation import SegmentationConfig, finetune_segmentation
-from .ablate import commit, machine
+from moco import config as C
+from moco.checkpoints import load_encoder
+from moco.files import write_text
+from moco.pipeline import pretrain
+from moco.train.supervised import supervised
+from moco.transfer.detection import DetectionConfig, finetune_detection
+from moco.transfer.scenes import make_scenes
+from moco.transfer.segmentation import SegmentationConfig, finetune_segmentation
+
+from .provenance import command, commit, machine, read_rows, write_rows
 
 INITS = ("moco", "supervised", "random")
 TASKS = ("detect", "segment")
@@ -52,7 +52,7 @@ def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, s
     echo(f"scenes: {n_train} for fine-tuning, {n_test} for evaluation, {size}x{size} px, items from "
          "the Fashion-MNIST test split")
     csv_path = out / "results.csv"
-    rows = {(r["init"], r["task"]): r for r in _read(csv_path)}
+    rows = {(r["init"], r["task"]): r for r in read_rows(csv_path)}
     for task in TASKS:
         for init in INITS:
             if (init, task) in rows:
@@ -70,9 +70,9 @@ def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, s
                 metrics = finetune_segmentation(encoder, arch, train, test, cfg, echo=echo)
             rows[(init, task)] = {"task": task, "init": init, **{k: round(v, 2) for k, v in metrics.items()},
                                   "minutes": round((time.perf_counter() - tic) / 60, 1), "commit": commit()}
-            _write(csv_path, list(rows.values()))
+            write_rows(csv_path, list(rows.values()))
     header = {"commit of each run": ", ".join(sorted({r["commit"] for r in rows.values()})),
-              "machine": machine(), "command": " ".join(["moco", *sys.argv[1:]]) or "moco transfer",
+              "machine": machine(), "command": command("transfer"),
               "backbone": f"{arch} (width {reference.config.model.width})" if reference.config else arch,
               "scenes": f"{n_train} train / {n_test} test, {size}px, 1-5 Fashion-MNIST test-split items each",
               "moco checkpoint": moco, "supervised checkpoint": supervised_ckpt,
@@ -85,23 +85,6 @@ def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, s
 def _schedule(cfg) -> str:
     return (f"{cfg.iterations} iterations, batch {cfg.batch_size}, lr {cfg.lr} (x0.1 at {cfg.lr_steps}), "
             f"warm-up {cfg.warmup_iters}, norm {cfg.norm}, the same for every initialisation")
-
-
-def _read(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def _markdown(path: Path, rows: list[dict], header: dict[str, str]) -> None:
@@ -118,7 +101,7 @@ def _markdown(path: Path, rows: list[dict], header: dict[str, str]) -> None:
         lines += ["| " + r["init"] + " | " + " | ".join(f"{float(r[m]):.1f}" for m in metrics) + f" | {r['minutes']} |"
                   for r in selected]
         lines += ["", f"![{task}]({task}.png)", ""]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _plot(out: Path, rows: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""`moco bench`: how fast the library pretrains, against a faithful reference, on one machine.
+"""`python -m benchmarks bench`: how fast the library pretrains, against a faithful reference, on one machine.
 
 Two modes, each in one process, on the same data (Fashion-MNIST by default) and the same model:
 
@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import platform
 import re
 import resource
 import statistics
@@ -41,42 +40,46 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import config as C
-from ..data.augment import EvalTransform
-from ..errors import ConfigError
-from ..evaluate.features import extract_features
-from ..evaluate.knn import pixel_features, plain_knn_accuracy, vote_accuracy
-from ..model import build_moco
-from ..runtime import autocast_dtype, resolve_device, seed_everything, synchronize
-from ..train.loop import Data, PretrainResult, load_data, pretrain
-from .ablate import commit
+from moco import config as C
+from moco.config import opt
+from moco.data.augment import EvalTransform
+from moco.data.training import TrainingData, load_training_data
+from moco.errors import ConfigError
+from moco.evaluate.features import extract_features
+from moco.evaluate.knn import pixel_features, plain_knn_accuracy, vote_accuracy
+from moco.extras import require
+from moco.files import write_text
+from moco.model import build_method
+from moco.pipeline import PretrainResult, pretrain
+from moco.runtime import autocast_dtype, resolve_device, seed_everything, synchronize
+from moco.train.setup import check_pretrain_config
+
+from .provenance import commit, machine_info
 from .reference import reference_model, train_reference
 
 MODES = ("throughput", "time-to-accuracy")
-# The x86 vector extensions that decide fp32 and bf16 speed on a CPU.
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 @dataclass
 class BenchSettings:
-    """What `moco bench` measures; stored with every result."""
+    """What `python -m benchmarks bench` measures; stored with every result."""
 
-    mode: str = "throughput"
-    preset: str = "cpu"
-    device: str = "auto"
-    batch_size: int | None = None  # None: the preset's
-    threads: int | None = None  # None: torch's default
-    train_subset: int | None = None
-    warmup: int = 10  # steps before the first timed window
-    steps: int = 20  # steps per timed window
-    windows: int = 5
-    workers: int | None = None  # the reference's DataLoader worker processes; None: one per CPU core
-    reference: bool = True
-    profile: bool = False  # also profile the library's step (top operators)
-    minutes: float = 10.0  # time-to-accuracy: training budget of each implementation
-    every: float = 60.0  # time-to-accuracy: seconds of training between kNN evaluations
-    seed: int = 0
-    overrides: dict[str, str] = field(default_factory=dict)  # config fields changed from the preset's, e.g. width
+    mode: str = opt("throughput", "throughput | time-to-accuracy")
+    preset: str = opt("cpu", "the pretraining recipe both implementations run")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
+    batch_size: int | None = opt(None, "images per step (default: the preset's)")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's)")
+    train_subset: int | None = opt(None, "use only the first N training images")
+    warmup: int = opt(10, "steps before the first timed window")
+    steps: int = opt(20, "steps per timed window")
+    windows: int = opt(5, "timed windows; the median is reported")
+    workers: int | None = opt(None, "DataLoader worker processes of the reference (default: one per CPU core)")
+    reference: bool = opt(True, "also measure the faithful reference implementation")
+    profile: bool = opt(False, "also list the top operators of the library's step")
+    minutes: float = opt(10.0, "time-to-accuracy: training budget of each implementation")
+    every: float = opt(60.0, "time-to-accuracy: seconds of training between kNN evaluations")
+    seed: int = opt(0, "seed of both runs")
+    overrides: dict[str, str] = field(default_factory=dict)  # config fields changed from the preset's (--set)
 
     def __post_init__(self) -> None:
         if self.workers is None:
@@ -103,7 +106,7 @@ class BenchSettings:
 
     def command(self) -> str:
         """The full command line that repeats this run."""
-        args = ["moco", "bench", "--mode", self.mode, "--preset", self.preset, "--device", self.device,
+        args = ["python -m benchmarks bench", "--mode", self.mode, "--preset", self.preset, "--device", self.device,
                 "--warmup", self.warmup, "--steps", self.steps, "--windows", self.windows, "--workers", self.workers,
                 "--seed", self.seed]
         for flag, value in (("--batch-size", self.batch_size), ("--threads", self.threads),
@@ -115,7 +118,7 @@ class BenchSettings:
         for name, value in self.overrides.items():
             args += ["--set", f"{name}={value}"]
         if not self.reference:
-            args.append("--skip-reference")
+            args.append("--no-reference")
         if self.profile:
             args.append("--profile")
         return " ".join(str(a) for a in args)
@@ -130,7 +133,7 @@ def bench_config(s: BenchSettings, out_dir: str, epochs: int) -> C.PretrainConfi
         overrides["batch_size"] = s.batch_size
     if s.train_subset is not None:
         overrides["train_subset"] = s.train_subset
-    return C.validate(C.apply_overrides(C.preset(s.preset), overrides))
+    return check_pretrain_config(C.apply_overrides(C.preset(s.preset), overrides))
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ def measure_ours(s: BenchSettings, n_train: int, device: torch.device) -> dict[s
     return result
 
 
-def measure_reference(s: BenchSettings, data: Data, device: torch.device) -> dict[str, Any]:
+def measure_reference(s: BenchSettings, data: TrainingData, device: torch.device) -> dict[str, Any]:
     """Throughput of the reference loop on the same images; also the largest worker's peak RSS."""
     cfg = bench_config(s, "", 1)
     batch = cfg.data.batch_size
@@ -297,10 +300,10 @@ def throughput(s: BenchSettings, device: torch.device, echo: Callable[[str], Non
     """Both implementations' images/s, FLOPs per image, fraction of the matmul peak, peak memory."""
     probe = bench_config(s, "", 1)
     # Loaded once and held through both measurements, so both peak RSS figures include this copy.
-    data = load_data(probe)
+    data = load_training_data(probe.data)
     channels, batch = data.train.channels, probe.data.batch_size
     memory_format = torch.channels_last if probe.run.channels_last else torch.contiguous_format
-    ours_model = build_moco(probe.model, channels, data.size).to(device, memory_format=memory_format)
+    ours_model = build_method(probe.model, channels, data.size).to(device, memory_format=memory_format)
     ours_flops = flops_per_image(ours_model, batch, channels, data.size, device, memory_format)
     if s.reference:  # built before any measurement: a config the reference cannot run fails at once
         reference_flops = flops_per_image(reference_model(probe, channels, data.size).to(device), batch, channels,
@@ -422,7 +425,7 @@ def time_to_accuracy(s: BenchSettings, device: torch.device, echo: Callable[[str
     unnormalised pixels, majority of 5).
     """
     probe = bench_config(s, "", 1)
-    data = load_data(probe)
+    data = load_training_data(probe.data)
     train, test = data.train, data.test
     transform = EvalTransform(data.size, data.mean, data.std).to(device)
     pixels = knn_protocols((pixel_features(train.images), train.labels), (pixel_features(test.images), test.labels))
@@ -451,7 +454,7 @@ def time_to_accuracy(s: BenchSettings, device: torch.device, echo: Callable[[str
         echo(f"reference: {speed['img_s']:.0f} img/s -> cosine schedule of {epochs} epochs")
         seed_everything(s.seed)
         hook = Deadline(evaluate, budget, s.every, device)
-        own = load_data(probe)  # inside the clock, as pretrain's own loading is for ours
+        own = load_training_data(probe.data)  # inside the clock, as pretrain's own loading is for ours
         train_reference(probe, own.train.images, own.size, own.mean, own.std, device, s.workers, hook, epochs)
         hook.finish()
         result["reference"] = {"img_s": speed["img_s"], "schedule_epochs": epochs, "curve": hook.points,
@@ -474,33 +477,6 @@ def time_to_accuracy(s: BenchSettings, device: torch.device, echo: Callable[[str
 # -- where results go ----------------------------------------------------------------------------------
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """CPU model, cores, vector extensions, torch version and threads, device (and GPU name)."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "isa": [f for f in _ISA_FLAGS if f in flags],
-                            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    info["slug"] = machine_slug(info)
-    return info
-
-
-def machine_slug(info: dict[str, Any]) -> str:
-    """A file-name-safe name of a machine, e.g. intel-xeon-processor-2c (or the GPU's name on CUDA)."""
-    name = info.get("gpu") or f"{info['cpu']}-{info['cores']}c"
-    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*?(?=-\d+c$|$)", "", name.lower())
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-
-
 def results_path(out: Path, mode: str, slug: str) -> Path:
     return out / f"{mode}-{slug}.json"
 
@@ -513,9 +489,7 @@ def save_result(out: Path, entry: dict[str, Any]) -> Path:
     """Add `entry` to its machine's results file, replacing an entry with the same mode and setup."""
     path = results_path(out, entry["mode"], entry["machine"]["slug"])
     entries = [e for e in read_results(path) if e["setup"] != entry["setup"]] + [entry]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps({"entries": entries}, indent=1) + "\n")
     return path
 
 
@@ -526,6 +500,7 @@ def table_path(out: Path) -> Path:
 
 def plot_curve(path: Path, entry: dict[str, Any]) -> None:
     """kNN top-1 against training minutes, ours and the reference, with the raw-pixel levels: a panel a protocol."""
+    require("matplotlib", "the benchmark's plots")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -578,7 +553,7 @@ def write_table(out: Path) -> Path:
     runs = [e for e in entries if e["mode"] == "throughput"]
     curves = [e for e in entries if e["mode"] == "time-to-accuracy"]
     lines = ["# Benchmarks", "",
-             f"Generated by `moco bench` from the results files in `{out.name}/`; rerun it (or edit those files), "
+             f"Generated by `python -m benchmarks bench` from the results files in `{out.name}/`; rerun it (or edit those files), "
              "do not edit this page.",
              "", "## Throughput", "",
              "Images/s over whole training steps (augmentation included) after a warm-up, median of the timed "
@@ -586,7 +561,7 @@ def write_table(out: Path) -> Path:
              "one process on the same data and model, the reference first (ours then changes process-wide "
              "settings, such as glibc's malloc options, that the official recipe does not). *Ours* is the library's `pretrain`; the *reference* follows "
              "the official recipe (per-image PIL augmentation in DataLoader workers, the official model code; "
-             "`src/moco/experiments/reference.py`). FLOPs per image count one training step (query forward + "
+             "`benchmarks/reference.py`). FLOPs per image count one training step (query forward + "
              "backward, key forward; a multiply-add is 2 FLOPs); the peak is the fastest of 20 2048x2048 "
              "`torch.mm` measured in the same process, in the dtype ours computes in (fp32; bf16 marked so, under "
              "bf16 autocast). Peak RSS includes Python, torch and the data set; the reference's workers are "
@@ -651,7 +626,7 @@ def write_table(out: Path) -> Path:
             lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
         lines += ["", f"![time to accuracy]({out.name}/{e['plot']})"]
     path = table_path(out)
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -665,7 +640,7 @@ def bench(s: BenchSettings, out: str | Path = "docs/benchmarks", echo: Callable[
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     load = os.getloadavg()
-    echo(f"moco bench {s.mode}: load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
+    echo(f"benchmarks bench {s.mode}: load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
     if load[0] > 0.5 * (os.cpu_count() or 1):
         echo("  (the machine is busy: figures will be low and noisy)")
     tic = time.perf_counter()

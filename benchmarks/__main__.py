@@ -1,0 +1,114 @@
+"""`python -m benchmarks bench | ablate | transfer`: the studies and benchmarks behind docs/."""
+
+import argparse
+import sys
+import warnings
+from dataclasses import replace
+
+from moco.cli.flags import Parser, add_fields, build
+from moco.errors import ConfigError, MocoError
+
+from .ablate import STUDIES, ablate
+from .bench import BenchSettings, bench
+from .transfer_study import transfer_study
+
+
+def field_values(pairs: list[str]) -> dict[str, str]:
+    """{"width": "32"} from ["width=32"]; the config checks names and types when it applies them."""
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--set {pair!r}: write FIELD=VALUE, e.g. --set width=32")
+        values[name.strip().replace("-", "_")] = value.strip()
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    bench(replace(build(args, BenchSettings), overrides=field_values(args.set)), args.out)
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    path = ablate(args.out, tuple(args.studies), args.epochs, args.train_subset, args.seed)
+    print(f"wrote {path} (table), results.csv and plots next to it")
+
+
+def cmd_transfer(args: argparse.Namespace) -> None:
+    from moco.transfer.detection import DetectionConfig
+    from moco.transfer.segmentation import SegmentationConfig
+
+    def configs(cls):
+        """The task's default config, its schedule (warm-up, lr steps) stretched to --iterations."""
+        cfg = cls()
+        changes = {k: v for k, v in (("batch_size", args.batch_size), ("threads", args.threads)) if v is not None}
+        if args.iterations is not None:
+            scale = args.iterations / cfg.iterations
+            changes |= {"iterations": args.iterations, "warmup_iters": int(cfg.warmup_iters * scale),
+                        "lr_steps": [max(1, int(step * scale)) for step in cfg.lr_steps]}
+        return replace(cfg, **changes)
+
+    path = transfer_study(args.out, args.moco, args.supervised, args.runs, args.scenes_train, args.scenes_test,
+                          args.scene_size, configs(DetectionConfig), configs(SegmentationConfig))
+    print(f"wrote {path} (table), results.csv and plots next to it")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m benchmarks", description="The project's benchmarks and studies; results go "
+                    "to docs/ with the commit, machine and command.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    p = sub.add_parser("bench", help="pretraining speed and time to accuracy, the library against a faithful "
+                       "reference", description="Measures, in one process on the same data and model, the images/s of "
+                       "the library's pretraining step and of a reference written from the paper and the official "
+                       "code (per-image PIL augmentation in DataLoader workers), FLOPs per image, the fraction of the "
+                       "machine's matmul peak (in the dtype it computes in) and peak memory (--mode throughput); or "
+                       "kNN top-1 against training time within a budget (--mode time-to-accuracy). Results go to "
+                       "OUT/<mode>-<machine>.json and OUT.md is regenerated from all results files.")
+    add_fields(p, BenchSettings, skip=("overrides",))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change a field of the preset's config, e.g. --set width=32 (repeatable)")
+    p.add_argument("--out", default="docs/benchmarks", help="results folder; the Markdown page is OUT.md")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ablate", help="the paper's ablations in miniature on Fashion-MNIST",
+                       description="Short runs of the CPU preset with one fixed budget each: momentum m, the three "
+                       "mechanisms across K, shuffle BN on/off, v1 vs v2 heads. Writes results.csv, results.md and "
+                       "PNG plots; runs already in results.csv with the same config are kept.")
+    p.add_argument("--out", default="docs/ablations", help="output folder")
+    p.add_argument("--studies", nargs="+", choices=STUDIES, default=list(STUDIES), help="which studies")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run")
+    p.add_argument("--train-subset", type=int, default=20000, help="training images per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("transfer", help="the paper's transfer study in miniature: MoCo vs supervised vs random",
+                       description="Fine-tune MoCo, supervised and random initialisations of the same backbone with "
+                       "the same schedule for detection (Faster R-CNN FPN, box AP) and segmentation (mIoU) on scenes "
+                       "of Fashion-MNIST test-split items. Pretrains (CPU preset) and trains the supervised baseline "
+                       "if no checkpoints are given. Finished rows of OUT/results.csv are kept.")
+    p.add_argument("--moco", help="MoCo checkpoint (default: pretrain one in RUNS/moco)")
+    p.add_argument("--supervised", help="supervised checkpoint (default: train one in RUNS/supervised)")
+    p.add_argument("--out", default="docs/transfer", help="results folder")
+    p.add_argument("--runs", default="runs/transfer", help="folder of the pretraining runs it makes")
+    p.add_argument("--scenes-train", type=int, default=1000)
+    p.add_argument("--scenes-test", type=int, default=300)
+    p.add_argument("--scene-size", type=int, default=96)
+    p.add_argument("--iterations", type=int, help="fine-tuning iterations (default: the fine-tuning configs')")
+    p.add_argument("--batch-size", type=int, help="fine-tuning batch (default: the fine-tuning configs')")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=cmd_transfer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = lambda message, category, *a, **k: f"benchmarks: warning: {message}\n"
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MocoError as e:
+        print(f"benchmarks: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

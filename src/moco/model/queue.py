@@ -1,0 +1,35 @@
+"""The dictionary of MoCo: a queue of the K most recent keys, first in, first out."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+
+class KeyQueue(nn.Module):
+    """K L2-normalised keys (buffers, so they are saved and moved with the model) and the oldest one's index.
+
+    Starts with random unit vectors; `push(keys)` overwrites the oldest entries, wrapping around the end,
+    for batches of any size up to K.
+    """
+
+    def __init__(self, K: int, dim: int) -> None:
+        super().__init__()
+        if K < 1:
+            raise ConfigError(f"queue size K must be >= 1, got {K}")
+        self.register_buffer("keys", F.normalize(torch.randn(K, dim), dim=1))  # (K, D)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # index of the oldest key
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor) -> None:
+        """Write `keys` (B, D) over the B oldest entries."""
+        K, b = len(self), keys.shape[0]
+        if b > K:
+            raise ConfigError(f"a batch of {b} keys does not fit a queue of K={K}; make K >= batch")
+        idx = (self.ptr + torch.arange(b, device=keys.device)) % K  # (B,)
+        self.keys.index_copy_(0, idx, keys.to(self.keys.dtype))
+        self.ptr.copy_((self.ptr + b) % K)

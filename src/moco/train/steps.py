@@ -1,0 +1,30 @@
+"""The supervised loop that supervised pre-training, the linear protocol and fine-tuning share.
+
+Each iteration sets the scheduled learning rate, computes the caller's loss for that iteration's batch,
+refuses a non-finite loss (one `NonFiniteLoss` for every command), and steps the optimizer.
+"""
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import NonFiniteLoss
+from .optim import set_lr
+
+
+def sgd_steps(optimizer: torch.optim.Optimizer, lr: Callable[[int], float], steps: Iterable[int],
+              batch_loss: Callable[[int], torch.Tensor], advice: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run one optimizer step per iteration of `steps` (0-based); yields (iteration, its detached loss).
+
+    `lr(step)` is the learning rate of an iteration, `batch_loss(step)` the loss of its batch, `advice`
+    what the NonFiniteLoss error suggests (e.g. "lower --lr").
+    """
+    for step in steps:
+        set_lr(optimizer, lr(step))
+        loss = batch_loss(step)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss("loss", step + 1, advice)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        yield step, loss.detach()
