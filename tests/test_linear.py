@@ -12,6 +12,7 @@ from moco.data.sources import ImageSet
 from moco.errors import ConfigError, DataError
 from moco.evaluate.features import extract_features
 from moco.evaluate.linear import (
+    BackboneChanged,
     LinearConfig,
     check_frozen,
     linear_lr,
@@ -111,11 +112,11 @@ def test_check_frozen_names_the_changed_tensor():
     check_frozen(before, backbone)
     with torch.no_grad():
         backbone.features[3].weight[0, 0, 0, 0] += 1e-6
-    with pytest.raises(RuntimeError, match=r"backbone weight features\.3\.weight changed .* frozen backbone"):
+    with pytest.raises(BackboneChanged, match=r"backbone weight features\.3\.weight changed .* frozen backbone"):
         check_frozen(before, backbone)
     backbone.features[3].weight.data.copy_(before["features.3.weight"])
     backbone.features[1].running_var[0] = 2.0  # buffers count too
-    with pytest.raises(RuntimeError, match=r"features\.1\.running_var"):
+    with pytest.raises(BackboneChanged, match=r"features\.1\.running_var"):
         check_frozen(before, backbone)
 
 
@@ -133,7 +134,7 @@ class Drifting(nn.Module):
 
 
 def test_linear_probe_refuses_a_backbone_that_changed():
-    with pytest.raises(RuntimeError, match=r"proj\.weight changed during linear evaluation"):
+    with pytest.raises(BackboneChanged, match=r"proj\.weight changed during linear evaluation"):
         linear_probe(encoder(Drifting()), textures(32, 0), textures(16, 1), LinearConfig(epochs=1), **quiet())
 
 
@@ -151,7 +152,7 @@ def test_bad_data_is_a_data_error():
     ("lr", 0.0, "lr must be a finite number > 0"),
     ("schedule", "linear", "schedule must be one of step, cosine"),
     ("augment", "v2", "augment must be one of none, crop"),
-    ("lr_steps", [60, 0], "lr_steps must be epochs"),
+    ("lr_steps", [60, 0], "lr_steps must be a list, each an integer >= 1"),
 ])
 def test_bad_config_names_the_field(field, value, message):
     cfg = LinearConfig(**{field: value})

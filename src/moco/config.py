@@ -10,6 +10,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -313,6 +314,35 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     need(r.device == "auto" or r.device.split(":")[0] in ("cpu", "cuda", "mps"),
          f"device={r.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
     return cfg
+
+
+# Rules for `check_fields`: (test, what the value must be).
+Rule = tuple[Callable[[Any], bool], str]
+POSITIVE_INT: Rule = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
+POSITIVE: Rule = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE: Rule = (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, "a finite number >= 0")
+FRACTION: Rule = (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
+
+
+def one_of(choices: tuple[str, ...]) -> Rule:
+    return (lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+def optional(rule: Rule) -> Rule:
+    return (lambda v: v is None or rule[0](v), f"{rule[1]} or none")
+
+
+def every(rule: Rule) -> Rule:
+    return (lambda v: isinstance(v, list) and all(rule[0](x) for x in v), f"a list, each {rule[1]}")
+
+
+def check_fields(cfg: Any, what: str, rules: dict[str, Rule]) -> None:
+    """Raise ConfigError for the first field of `cfg` that breaks its rule, e.g. "linear epochs must be an
+    integer >= 1, got 0"."""
+    for name, (ok, must) in rules.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise ConfigError(f"{what} {name} must be {must}, got {value!r}")
 
 
 def to_yaml(cfg: PretrainConfig) -> str:

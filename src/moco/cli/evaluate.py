@@ -42,9 +42,10 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 def cmd_lincls(args: argparse.Namespace) -> int:
     from ..evaluate.baselines import linear_lines, linear_rows
-    from ..evaluate.linear import LinearConfig
+    from ..evaluate.linear import LinearConfig, check_config
 
     cfg = build(args, LinearConfig)
+    check_config(cfg)
     encoder, train, test, device = _encoder_and_splits(args)
     results = linear_rows(f"{args.checkpoint} ({encoder.layout})", encoder, train, test, cfg, device,
                           args.baselines, progress=args.progress)
@@ -83,28 +84,24 @@ def register(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     from ..evaluate.linear import LinearConfig
     from ..evaluate.report import ReportConfig
 
-    baselines = dict(action=argparse.BooleanOptionalAction, default=True,
-                     help="also raw pixels and a randomly initialised encoder of the same architecture (default: on)")
+    def evaluation(name: str, cls: type, help_: str, description: str) -> argparse.ArgumentParser:
+        """A command that evaluates a checkpoint on labelled data, next to the baselines."""
+        p = sub.add_parser(name, help=help_, description=description)
+        p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+        add_fields(p, cls)
+        add_fields(p, EvalConfig)
+        p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                       help="also raw pixels and a randomly initialised encoder of the same architecture (default: on)")
+        return p
 
-    p = sub.add_parser("knn", help="kNN accuracy (weighted or majority vote) of a checkpoint's frozen features",
-                       description="kNN classification on frozen backbone features: the training split is the memory "
-                       "bank, the test split the queries; neighbours vote with exp(cos/t), or one vote each with "
-                       "--vote majority.")
-    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    add_fields(p, KnnConfig)
-    add_fields(p, EvalConfig)
-    p.add_argument("--baselines", **baselines)
-    p.set_defaults(func=cmd_knn)
-
-    p = sub.add_parser("lincls", help="linear classification protocol on frozen features",
-                       description="The paper's linear protocol: the backbone frozen in eval mode (BN statistics "
-                       "fixed), a new fc initialised N(0, 0.01), SGD with lr 30 and no weight decay. Reports best and "
-                       "final top-1 (and top-5 with more than 5 classes), and fails loudly if any backbone weight "
-                       "changed.")
-    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    add_fields(p, LinearConfig)
-    add_fields(p, EvalConfig)
-    p.add_argument("--baselines", **baselines)
+    evaluation("knn", KnnConfig, "kNN accuracy (weighted or majority vote) of a checkpoint's frozen features",
+               "kNN classification on frozen backbone features: the training split is the memory bank, the test "
+               "split the queries; neighbours vote with exp(cos/t), or one vote each with --vote majority."
+               ).set_defaults(func=cmd_knn)
+    p = evaluation("lincls", LinearConfig, "linear classification protocol on frozen features",
+                   "The paper's linear protocol: the backbone frozen in eval mode (BN statistics fixed), a new fc "
+                   "initialised N(0, 0.01), SGD with lr 30 and no weight decay. Reports best and final top-1 (and "
+                   "top-5 with more than 5 classes), and fails loudly if any backbone weight changed.")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.set_defaults(func=cmd_lincls)
 

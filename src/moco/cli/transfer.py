@@ -17,27 +17,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
-    from ..transfer.detection import DetectionConfig, finetune_detection
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """`moco finetune detect|segment`: the task's config checked before anything is loaded, then fine-tuned."""
+    from ..transfer.detection import DetectionConfig, check_detection_config, finetune_detection
     from ..transfer.finetune import SceneSource, initialisation, load_scenes
+    from ..transfer.segmentation import SegmentationConfig, check_segmentation_config, finetune_segmentation
 
-    cfg = build(args, DetectionConfig)
+    detect = args.task == "detect"
+    cfg = build(args, DetectionConfig if detect else SegmentationConfig)
+    (check_detection_config if detect else check_segmentation_config)(cfg)
     encoder, arch = initialisation(args.checkpoint, args.arch)
-    train, test = load_scenes(build(args, SceneSource), instances=True)
-    metrics = finetune_detection(encoder, arch, train, test, cfg)
-    print(f"detection on {test.name} ({len(test)} images): " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    return 0
-
-
-def cmd_segment(args: argparse.Namespace) -> int:
-    from ..transfer.finetune import SceneSource, initialisation, load_scenes
-    from ..transfer.segmentation import SegmentationConfig, finetune_segmentation
-
-    cfg = build(args, SegmentationConfig)
-    encoder, arch = initialisation(args.checkpoint, args.arch)
-    train, test = load_scenes(build(args, SceneSource), instances=False)
-    metrics = finetune_segmentation(encoder, arch, train, test, cfg)
-    print(f"segmentation on {test.name} ({len(test)} images): "
+    train, test = load_scenes(build(args, SceneSource), instances=detect)
+    metrics = (finetune_detection if detect else finetune_segmentation)(encoder, arch, train, test, cfg)
+    print(f"{'detection' if detect else 'segmentation'} on {test.name} ({len(test)} images): "
           + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     return 0
 
@@ -78,16 +70,16 @@ def register(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                        "same model and schedule for every initialisation, and report COCO AP or mIoU (detection "
                        "needs the transfer extra: pycocotools).")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=type(p))
-    for name, cls, func, help_ in (
-            ("detect", DetectionConfig, cmd_detect, "Faster/Mask R-CNN with FPN; COCO box (and mask) AP"),
-            ("segment", SegmentationConfig, cmd_segment, "DeepLabV3/FCN head on the last stage; mIoU, pixel accuracy")):
+    for name, cls, help_ in (
+            ("detect", DetectionConfig, "Faster/Mask R-CNN with FPN; COCO box (and mask) AP"),
+            ("segment", SegmentationConfig, "DeepLabV3/FCN head on the last stage; mIoU, pixel accuracy")):
         t = tasks.add_parser(name, help=help_, description=help_)
         t.add_argument("checkpoint", help=CHECKPOINT_HELP + ", or 'random'")
         t.add_argument("--arch", help="architecture: needed for 'random' (default resnet18) and for checkpoints that "
                        "do not name it")
         add_fields(t, cls)
         add_fields(t.add_argument_group("data"), SceneSource)
-        t.set_defaults(func=func)
+        t.set_defaults(func=cmd_finetune)
     t = tasks.add_parser("scenes", help="write the built-in scenes in COCO and VOC layouts",
                          description="Write the built-in scenes (train and test splits) to OUT: COCO "
                          "annotations/instances_<split>.json, VOC JPEGImages/ + SegmentationClass/ + ImageSets/.")

@@ -238,10 +238,8 @@ def _find_data_dir(dataset: str, split: str, root: str | Path | None) -> Path | 
 def _missing_data_error(
     dataset: str, split: str, root: str | Path | None, expected: str, fix: str
 ) -> DataError:
-    tried = "\n  ".join(str(path) for path in _search_dirs(dataset, root))
-    return DataError(
-        f"{dataset} {_canonical(split)} files not found. Looked in:\n  {tried}\nexpected {expected}; {fix}"
-    )
+    tried = ", ".join(str(path) for path in _search_dirs(dataset, root))
+    return DataError(f"{dataset} {_canonical(split)} files not found (looked in {tried}): expected {expected}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------

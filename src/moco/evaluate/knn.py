@@ -51,14 +51,8 @@ def knn_scores(
     return torch.cat(scores)  # (N_test, C)
 
 
-def knn_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    k: int = 200,
-    t: float = 0.1,
-) -> dict[str, float]:
+def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, k: int = 200, t: float = 0.1) -> dict[str, float]:
     """Top-1 and, with more than 5 classes, top-5 accuracy (percent) of the weighted kNN classifier."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_scores(train_features, train_labels, test_features, num_classes, k, t)  # (N, C)
@@ -71,14 +65,8 @@ def knn_accuracy(
 
 
 @torch.no_grad()
-def plain_knn_accuracy(
-    train_x: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_x: torch.Tensor,
-    test_labels: torch.Tensor,
-    k: int = 5,
-    chunk: int = 1024,
-) -> float:
+def plain_knn_accuracy(train_x: torch.Tensor, train_labels: torch.Tensor, test_x: torch.Tensor,
+                       test_labels: torch.Tensor, k: int = 5, chunk: int = 1024) -> float:
     """Top-1 accuracy (percent) of textbook kNN: Euclidean distance, majority vote of the k nearest.
 
     Ties go to the tied class with the nearest voter (the neighbour of rank r adds 1 + 1e-3 / 2^(r+1)).

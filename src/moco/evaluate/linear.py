@@ -27,10 +27,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoints import LoadedEncoder
-from ..config import opt
+from ..config import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, every, one_of, opt
 from ..data.augment import build_augment
 from ..data.sources import ImageSet
-from ..errors import ConfigError, DataError
+from ..errors import DataError, MocoError
 from ..train.schedule import lr_at, scaled_lr
 from ..train.steps import sgd_steps
 from .data import eval_transform, fit_channels
@@ -72,25 +72,9 @@ class LinearResult:
 
 def check_config(cfg: LinearConfig) -> None:
     """Raise ConfigError naming the first field that cannot work."""
-
-    def positive_int(name: str, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"linear {name} must be an integer >= 1, got {value!r}")
-
-    positive_int("epochs", cfg.epochs)
-    positive_int("batch_size", cfg.batch_size)
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise ConfigError(f"linear lr must be a finite number > 0, got {cfg.lr!r}")
-    if not 0 <= cfg.momentum < 1:
-        raise ConfigError(f"linear momentum must be in [0, 1), got {cfg.momentum!r}")
-    if not cfg.weight_decay >= 0:
-        raise ConfigError(f"linear weight_decay must be >= 0, got {cfg.weight_decay!r}")
-    if cfg.schedule not in SCHEDULES:
-        raise ConfigError(f"linear schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in cfg.lr_steps):
-        raise ConfigError(f"linear lr_steps must be epochs (integers >= 1), got {cfg.lr_steps!r}")
-    if cfg.augment not in AUGMENTS:
-        raise ConfigError(f"linear augment must be one of {', '.join(AUGMENTS)}, got {cfg.augment!r}")
+    check_fields(cfg, "linear", {"epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE,
+                                 "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "schedule": one_of(SCHEDULES),
+                                 "lr_steps": every(POSITIVE_INT), "augment": one_of(AUGMENTS)})
 
 
 def linear_lr(cfg: LinearConfig, step: int, steps_per_epoch: int) -> float:
@@ -114,8 +98,12 @@ def snapshot(backbone: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in tensors}
 
 
+class BackboneChanged(MocoError):
+    """A backbone whose weights changed while it was evaluated as frozen (e.g. a forward that writes to them)."""
+
+
 def check_frozen(before: dict[str, torch.Tensor], backbone: nn.Module) -> None:
-    """Raise RuntimeError if any tensor of `backbone` differs, even by one bit, from `before`."""
+    """Raise BackboneChanged if any tensor of `backbone` differs, even by one bit, from `before`."""
     now = dict([*backbone.named_parameters(), *backbone.named_buffers()])
     changed = [
         name for name, old in before.items()
@@ -123,7 +111,7 @@ def check_frozen(before: dict[str, torch.Tensor], backbone: nn.Module) -> None:
     ]
     if changed:
         more = f" (also {', '.join(changed[1:6])}{' ...' if len(changed) > 6 else ''})" if len(changed) > 1 else ""
-        raise RuntimeError(
+        raise BackboneChanged(
             f"backbone weight {changed[0]} changed during linear evaluation{more}: the protocol requires a "
             "frozen backbone (no gradient to it, BatchNorm in eval mode, no in-place writes in forward)"
         )
@@ -183,7 +171,7 @@ def linear_probe(
     """Train a linear classifier on the frozen `encoder` and report its test accuracy every epoch.
 
     The backbone is moved to `device`; its train/eval mode and requires_grad flags are restored on
-    return. Raises RuntimeError if any backbone tensor changed during training (see `check_frozen`).
+    return. Raises BackboneChanged if any backbone tensor changed during training (see `check_frozen`).
     """
     check_config(cfg)
     num_classes = _check_data(encoder, train, test)

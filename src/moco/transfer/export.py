@@ -58,9 +58,9 @@ def export_encoder(checkpoint: str | Path, fmt: str, out: str | Path, arch: str 
                           f"{out.with_suffix('.pkl')}")
     if out.resolve() == Path(checkpoint).resolve():
         raise ConfigError(f"--out {out} is the checkpoint itself; choose another output file")
+    timm = require("timm", "the timm export format") if fmt == "timm" else None
     encoder = load_encoder(checkpoint, arch)
     _check_exportable(encoder, fmt)
-    timm = require("timm", "the timm export format") if fmt == "timm" else None
     weights = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()}
     if fmt == "torchvision":
         notes = _export_torchvision(encoder, weights, out)

@@ -17,7 +17,6 @@ The MoCo paper's transfer protocol (Sec. 4.2), at the scale of a CPU:
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..checkpoints import LoadedEncoder
-from ..config import opt
+from ..config import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, one_of, opt, optional
 from ..errors import ConfigError, DataError
 from ..model.backbones import SmallCNN, build_backbone
 from ..train.schedule import lr_at
@@ -66,30 +65,16 @@ class FinetuneConfig:
 
 def check_config(cfg: FinetuneConfig) -> None:
     """Raise ConfigError naming the first field that cannot work."""
-
-    def positive_int(name: str, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"fine-tuning {name} must be an integer >= 1, got {value!r}")
-
-    positive_int("iterations", cfg.iterations)
-    positive_int("batch_size", cfg.batch_size)
-    positive_int("log_every", cfg.log_every)
-    if isinstance(cfg.trainable_layers, bool) or not isinstance(cfg.trainable_layers, int) \
-            or not 0 <= cfg.trainable_layers <= 5:
-        raise ConfigError(f"fine-tuning trainable_layers must be 0..5, got {cfg.trainable_layers!r}")
-    if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
-                                    or cfg.threads < 1):
-        raise ConfigError(f"fine-tuning threads must be an integer >= 1 or None, got {cfg.threads!r}")
-    if cfg.norm not in NORMS:
-        raise ConfigError(f"fine-tuning norm must be one of {', '.join(NORMS)}, got {cfg.norm!r}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise ConfigError(f"fine-tuning lr must be a finite number > 0, got {cfg.lr!r}")
-    if not 0 <= cfg.warmup_iters <= cfg.iterations or not 0 < cfg.warmup_factor <= 1:
-        raise ConfigError(f"fine-tuning warm-up must be 0..iterations iterations from a factor in (0, 1], got "
-                          f"{cfg.warmup_iters!r} iterations from {cfg.warmup_factor!r}")
-    if sorted(cfg.lr_steps) != list(cfg.lr_steps) or any(not 0 < s < cfg.iterations for s in cfg.lr_steps):
-        raise ConfigError(f"fine-tuning lr_steps must be increasing iterations within (0, {cfg.iterations}), "
-                          f"got {cfg.lr_steps!r}")
+    check_fields(cfg, "fine-tuning", {
+        "iterations": POSITIVE_INT, "batch_size": POSITIVE_INT, "log_every": POSITIVE_INT, "lr": POSITIVE,
+        "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "norm": one_of(NORMS),
+        "trainable_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 5,
+                             "an integer in 0..5"),
+        "threads": optional(POSITIVE_INT),
+        "warmup_iters": (lambda v: isinstance(v, int) and 0 <= v <= cfg.iterations, "in 0..iterations"),
+        "warmup_factor": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "in (0, 1]"),
+        "lr_steps": (lambda v: list(v) == sorted(v) and all(0 < s < cfg.iterations for s in v),
+                     f"increasing iterations within (0, {cfg.iterations})")})
 
 
 def finetune_lr(cfg: FinetuneConfig, iteration: int) -> float:

@@ -52,14 +52,18 @@ class Segmenter(nn.Module):
         return F.interpolate(self.head(features), size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def build_segmenter(encoder: LoadedEncoder | None, arch: str, scenes: Scenes, cfg: SegmentationConfig) -> Segmenter:
-    """A DeepLabV3 or FCN head on the last stage of the encoder's backbone (or of a random `arch`)."""
+def check_segmentation_config(cfg: SegmentationConfig) -> None:
     check_config(cfg)
     if cfg.head not in HEADS:
         raise ConfigError(f"segmentation head must be one of {', '.join(HEADS)}, got {cfg.head!r}")
     if cfg.batch_size < 2:
         raise ConfigError("segmentation needs batch_size >= 2: the heads' BatchNorm (ASPP's pooled branch) "
                           "cannot train on one image")
+
+
+def build_segmenter(encoder: LoadedEncoder | None, arch: str, scenes: Scenes, cfg: SegmentationConfig) -> Segmenter:
+    """A DeepLabV3 or FCN head on the last stage of the encoder's backbone (or of a random `arch`)."""
+    check_segmentation_config(cfg)
     stages, channels, mean, std = prepare_backbone(encoder, arch, scenes.channels, cfg,
                                                    scenes_mean_std(scenes, encoder.channels if encoder else
                                                                    scenes.channels))
