@@ -534,6 +534,11 @@ def peak_note(result: dict[str, Any]) -> str:
     return "" if dtype == "fp32" else f" {dtype}"
 
 
+def machine_name(machine: dict[str, Any]) -> str:
+    """The CPU's model name, with AMX said (Xeons with and without it share one name)."""
+    return machine["cpu"] + (" with AMX" if "amx_bf16" in machine.get("isa", []) else "")
+
+
 def spread(measured: dict[str, Any]) -> str:
     """Median images/s with the range of the windows, e.g. "2517 (2163-2548)"; a wide range means a busy machine.
     With torch.compile, its time (the first step) follows: "2517 (2163-2548); compile 41.2 s"."""
@@ -579,14 +584,14 @@ def write_table(out: Path) -> Path:
         rss = f"{ours['peak_rss_mib']} / " + (
             f"{ref['peak_rss_mib']} (+{ref.get('workers_peak_rss_mib', 0)})" if ref else "-")
         lines.append(
-            f"| {m['cpu']}, {m['cores']} cores | {m['device']}, {m['threads']} | {recipe(st)}, {e['batch_size']} | "
+            f"| {machine_name(m)}, {m['cores']} cores | {m['device']}, {m['threads']} | {recipe(st)}, {e['batch_size']} | "
             f"{spread(ours)} | {spread(ref) if ref else '-'} | {str(r['speedup']) + 'x' if ref else '-'} | "
             f"{ours['flops_per_image'] / 1e6:.1f} | {r['achieved_flops'] / 1e9:.1f} "
             f"({100 * r['fraction_of_peak']:.1f}% of {r['matmul_peak_flops'] / 1e9:.0f}{peak_note(r)}) | {rss} | {load} | "
             f"`{e['commit']}` | {e['date'][:10]} |")
     for e in runs:
         if "profile" in e["result"]:
-            lines += ["", f"### Where ours spends a step: {e['machine']['cpu']}, {e['date'][:10]}", "",
+            lines += ["", f"### Where ours spends a step: {machine_name(e['machine'])}, {e['date'][:10]}", "",
                       "Top operators by self time (torch.profiler); `ProfilerStep*` is time outside any operator "
                       "(Python, the loop itself).", "", "| operator | ms/step | share | calls/step |",
                       "|---|---|---|---|"]
@@ -606,7 +611,7 @@ def write_table(out: Path) -> Path:
         names = [n for n in ("ours", "reference") if n in r]
         protocols = r["knn_protocols"]
         pixels = r["raw_pixels"]
-        lines += ["", f"### {e['machine']['cpu']}, {r['budget_minutes']:g} minutes, {e['date'][:10]} "
+        lines += ["", f"### {machine_name(e['machine'])}, {r['budget_minutes']:g} minutes, {e['date'][:10]} "
                   f"(`{e['commit']}`)", "",
                   "Raw pixels: " + ", ".join(f"{protocol_label(p)} {pixels[p['name']]:.2f}%" for p in protocols)
                   + f", textbook 5-NN (Euclidean) {pixels['plain_5nn_top1']:.2f}%. " + " ".join(

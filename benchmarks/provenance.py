@@ -66,8 +66,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def machine_slug(info: dict[str, Any]) -> str:
-    """A file-name-safe name of a machine, e.g. intel-xeon-processor-2c (or the GPU's name on CUDA)."""
-    name = info.get("gpu") or f"{info['cpu']}-{info['cores']}c"
+    """A file-name-safe name of a machine, e.g. intel-xeon-processor-2c (or the GPU's name on CUDA). CPUs sold
+    under one name differ in their matrix units: "-amx" marks those with AMX (bf16 tiles)."""
+    amx = "-amx" if "amx_bf16" in info.get("isa", []) else ""
+    name = info.get("gpu") or f"{info['cpu']}{amx}-{info['cores']}c"
     name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*?(?=-\d+c$|$)", "", name.lower())
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 

@@ -97,7 +97,8 @@ class Trainer:
         self.stop_requested = False  # by a hook
         self.signals = StopSignals(self.echo)
         self.stop_signal: int | None = None  # SIGTERM or SIGINT received (here, or by another process)
-        self.loss_sum = self.acc_sum = torch.zeros((), device=device)  # of the epoch's steps so far
+        self.loss_sum = torch.zeros((), device=device)  # of the epoch's steps so far
+        self.acc_sum = torch.zeros((), device=device)
         self.seen = 0  # the epoch's steps that were not skipped
 
     # -- position and checkpoints ------------------------------------------------------------------
