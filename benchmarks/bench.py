@@ -500,7 +500,7 @@ def table_path(out: Path) -> Path:
 
 def plot_curve(path: Path, entry: dict[str, Any]) -> None:
     """kNN top-1 against training minutes, ours and the reference, with the raw-pixel levels: a panel a protocol."""
-    require("matplotlib", "the benchmark's plots")
+    require("matplotlib", "the benchmark (its plots)")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,3 +16,14 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def config_fields() -> dict[str, object]:
+    """{name: type} of every field of the pretraining config (the flags of `moco pretrain`)."""
+    import dataclasses
+    import typing
+
+    from moco import config as C
+
+    return {f.name: typing.get_type_hints(cls)[f.name]
+            for cls in (C.ModelConfig, C.DataConfig, C.OptimConfig, C.RunConfig) for f in dataclasses.fields(cls)}

@@ -1,6 +1,7 @@
 """Config: presets, YAML, command-line flags, validation before any work starts."""
 
 import pytest
+from conftest import config_fields
 
 from moco import config as C
 from moco.cli import build_parser
@@ -119,5 +120,5 @@ def test_config_round_trips_through_a_dict():
 
 def test_every_config_field_has_a_flag_with_help():
     helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["pretrain"]._actions}
-    for _, f, _ in C.all_fields():
-        assert f.name in helps and len(helps[f.name]) > 15, f.name
+    for name in config_fields():
+        assert name in helps and len(helps[name]) > 15, name

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import config_fields
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -186,7 +187,7 @@ def test_out_of_memory_names_the_largest_batch_that_fits(tmp_path, monkeypatch):
         pretrain(tiny(tmp_path), baselines=False, echo=lambda s: None)
 
 
-FIELDS = {f.name: tp for _, f, tp in C.all_fields()}
+FIELDS = config_fields()
 values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                    st.text(max_size=12), st.lists(st.integers(-5, 300), max_size=3))
 

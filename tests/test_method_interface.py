@@ -35,7 +35,7 @@ class BatchContrast(Method):
         logits = q @ k.T / self.T  # (B, B)
         return logits, torch.arange(q.shape[0], device=q.device)  # (B, B), (B,)
 
-    def on_step(self, progress: float) -> None:
+    def before_step(self, progress: float) -> None:
         self.progress.append(progress)
         self.T.fill_(self.T0 * (1 + progress))
 
@@ -53,7 +53,7 @@ def test_a_method_defined_outside_the_package_trains_checkpoints_and_resumes(tmp
     result = pretrain(toy_config(tmp_path / "straight"), baselines=False, echo=lambda s: None)
     full = load_checkpoint(result.checkpoint)
     assert full["step"] == 16 and full["config"]["model"]["method"] == "toy_batch_contrast"
-    assert full["model"]["T"].item() == pytest.approx(0.2 * (1 + 15 / 16))  # on_step saw 0/16 .. 15/16
+    assert full["model"]["T"].item() == pytest.approx(0.2 * (1 + 15 / 16))  # before_step saw 0/16 .. 15/16
     assert result.loss < torch.log(torch.tensor(64.0)).item()  # learned something against log(batch)
 
     class Stop(Exception):
@@ -74,10 +74,29 @@ def test_a_method_defined_outside_the_package_trains_checkpoints_and_resumes(tmp
         assert torch.equal(value, resumed["model"][name]), name
 
 
-def test_the_command_line_knows_a_registered_method(tmp_path, capsys):
-    assert main(["pretrain", "--preset", "smoke", "--method", "toy_batch_contrast", "--width", "4", "--epochs", "1",
-                 "--train-subset", "256", "--out-dir", str(tmp_path), "--no-progress", "--no-baselines"]) == 0
-    assert "method: toy_batch_contrast" in capsys.readouterr().out
+def test_the_command_line_imports_a_users_method(tmp_path, capsys, monkeypatch):
+    """`--import MODULE` runs the module's @register before the config is checked."""
+    (tmp_path / "my_methods.py").write_text(
+        "import torch.nn.functional as F, torch\n"
+        "from moco import Method, register\n\n"
+        "@register('from_a_module')\n"
+        "class FromAModule(Method):\n"
+        "    @classmethod\n"
+        "    def build(cls, cfg, encoder, num_images):\n"
+        "        return cls(encoder)\n\n"
+        "    def forward(self, x_q, x_k, index=None):\n"
+        "        q, k = (F.normalize(self.encoder_q(x), dim=1) for x in (x_q, x_k))\n"
+        "        return q @ k.T / 0.2, torch.arange(len(q))\n\n"
+        "    def chance(self, batch_size):\n"
+        "        return batch_size, 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["pretrain", "--preset", "smoke", "--method", "from_a_module", "--width", "4", "--epochs", "1",
+            "--train-subset", "256", "--out-dir", str(tmp_path / "run"), "--no-progress", "--no-baselines"]
+    assert main(argv) == 2 and "method='from_a_module' is unknown" in capsys.readouterr().err
+    assert main([*argv, "--import", "my_methods"]) == 0
+    assert "method: from_a_module" in capsys.readouterr().out
+    assert main([*argv, "--import", "no_such_module"]) == 2
+    assert "--import no_such_module" in capsys.readouterr().err
 
 
 def test_a_method_must_implement_the_interface():

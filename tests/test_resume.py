@@ -37,6 +37,24 @@ def test_a_kept_checkpoint_is_the_fallback(run_dir, capsys):
     with pytest.warns(MocoWarning, match=r"resuming from checkpoint_epoch0002.pt \(step 8\)"):
         assert pretrain(run_dir, "--epochs", "3", "--keep-every", "1") == 0
     assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 3
+    assert (run_dir / "checkpoint.pt.unreadable").read_bytes() == b"PK\x03\x04 cut"  # set aside, never overwritten
+
+
+def test_the_library_resumes_from_a_run_folder(run_dir):
+    from moco.checkpoints import load_checkpoint as load
+    from moco.config import from_dict
+    from moco.pipeline import pretrain as library_pretrain
+
+    cfg = from_dict(load(run_dir / "checkpoint.pt")["config"])
+    cfg.optim.epochs = 2
+    result = library_pretrain(cfg, resume=run_dir, baselines=False, echo=lambda s: None)
+    assert result.epochs == 2 and load(result.checkpoint)["step"] == 8
+
+
+def test_supervised_ignores_the_methods_fields(tmp_path):
+    # a queue smaller than the batch would stop MoCo; supervised pre-training has no queue
+    assert main(["supervised", "--preset", "smoke", "--queue-size", "8", "--bn-splits", "3", "--out-dir",
+                 str(tmp_path), "--print-config"]) == 0
 
 
 def test_a_complete_run_says_there_is_nothing_to_train(run_dir, capsys):

@@ -4,13 +4,13 @@ A run's config is resolved as: defaults of the preset -> YAML file -> command-li
 validated before any work starts, printed, and stored in every checkpoint.
 """
 
-import dataclasses
 import math
+import re
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -18,8 +18,10 @@ import yaml
 from .errors import ConfigError
 from .runtime import PRECISIONS
 
+DEFAULT_PRESET = "cpu"  # the README's main job
 SCHEDULES = ("cosine", "step", "constant")
 NONFINITE = ("stop", "skip")
+DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts
 
 
 def opt(default: Any, help: str) -> Any:
@@ -34,7 +36,7 @@ class ModelConfig:
     """The encoder and the contrastive task."""
 
     method: str = opt("moco", "moco (queue + momentum encoder) | end_to_end | memory_bank (paper Fig. 2), or a "
-                              "method registered with moco.model.register")
+                              "method registered with moco.register (on the command line: --import its module)")
     arch: str = opt("small_cnn", "small_cnn | resnet18 | resnet34 | resnet50")
     width: int = opt(16, "small_cnn only: channels of the first stage (then 2x, 4x, 8x)")
     small_stem: bool = opt(True, "resnets: 3x3 stride-1 stem, no max-pool (for 28-64 px images)")
@@ -102,7 +104,7 @@ class RunConfig:
 
 @dataclass
 class PretrainConfig:
-    preset: str = "cpu"
+    preset: str = DEFAULT_PRESET
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -118,7 +120,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # - a stronger colour jitter for the one channel (only brightness and contrast act): +1.2 / +0.8 in
     #   5-epoch runs;
     # - crops of at least 60% of the image instead of 20%, and T=0.1: +1.1 / +1.1 in 5-minute runs
-    #   (`moco bench --mode time-to-accuracy --minutes 5`; crops of 50% or 70% gained 0.6-1.0, 35% nothing,
+    #   (`python -m benchmarks bench --mode time-to-accuracy --minutes 5`; crops of 50% or 70% gained 0.6-1.0, 35% nothing,
     #   T=0.1 alone 0.3-0.6). Our guess at why: a small crop of a garment shows too little of it to tell a shirt
     #   from a coat.
     "cpu": {"model": dict(temperature=0.1), "data": dict(jitter_strength=0.8, crop_min_scale=0.6)},
@@ -151,9 +153,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "run": dict(knn_every=0, tensorboard=False),
     },
 }
-
-
-DEFAULT_PRESET = "cpu"
 
 
 def preset(name: str) -> PretrainConfig:
@@ -240,7 +239,7 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
 
 def from_dict(d: dict[str, Any]) -> PretrainConfig:
     """The config stored by `asdict` (e.g. in a checkpoint)."""
-    cfg = PretrainConfig(preset=d.get("preset", "cpu"))
+    cfg = PretrainConfig(preset=d.get("preset", DEFAULT_PRESET))
     for section in SECTIONS:
         for name, value in d.get(section, {}).items():
             _set(cfg, section, _RENAMED.get(name, name), value)
@@ -251,13 +250,14 @@ def from_dict(d: dict[str, Any]) -> PretrainConfig:
 _RENAMED = {"mechanism": "method"}
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML config file, read with the safe loader (a config file can never run code)."""
+def load_yaml(path: str | Path, text: str | None = None) -> dict[str, Any]:
+    """A YAML config file (or its `text`, already read), parsed with the safe loader (a config file can never
+    run code)."""
     path = Path(path)
-    if not path.is_file():
+    if text is None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text() if text is None else text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if data is None:
@@ -287,11 +287,6 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     need(m.queue_size >= 1, f"queue_size must be >= 1, got {m.queue_size}")
     need(m.bn_splits >= 1, f"bn_splits must be >= 1, got {m.bn_splits}")
     need(d.batch_size >= 2, f"batch_size must be >= 2, got {d.batch_size}")
-    need(
-        d.batch_size % m.bn_splits == 0,
-        f"batch_size={d.batch_size} must be a multiple of bn_splits={m.bn_splits} (split BN); "
-        f"e.g. batch_size={max(m.bn_splits, d.batch_size // m.bn_splits * m.bn_splits)}",
-    )
     need(0 < d.crop_min_scale <= 1, f"crop_min_scale must be in (0, 1], got {d.crop_min_scale}")
     need(0 <= d.jitter_strength <= 1, f"jitter_strength must be in [0, 1] (brightness factors in [1 - s, 1 + s]), "
          f"got {d.jitter_strength}")
@@ -311,7 +306,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     need(r.keep_every >= 0, f"keep_every must be >= 0, got {r.keep_every}")
     need(r.nonfinite in NONFINITE, f"nonfinite={r.nonfinite!r} is unknown; choose one of {', '.join(NONFINITE)}")
     need(r.threads is None or r.threads >= 1, f"threads must be >= 1 or none, got {r.threads}")
-    need(r.device == "auto" or r.device.split(":")[0] in ("cpu", "cuda", "mps"),
+    need(re.fullmatch(DEVICES, r.device) is not None,
          f"device={r.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
     return cfg
 
@@ -347,13 +342,3 @@ def check_fields(cfg: Any, what: str, rules: dict[str, Rule]) -> None:
 
 def to_yaml(cfg: PretrainConfig) -> str:
     return yaml.safe_dump(asdict(cfg), sort_keys=False)
-
-
-def all_fields() -> list[tuple[str, dataclasses.Field, Any]]:
-    """(section, field, type) of every config field, for the command line."""
-    out = []
-    for section in SECTIONS:
-        hints = _field_types(section)
-        for f in fields(type(getattr(PretrainConfig(), section))):
-            out.append((section, f, hints[f.name]))
-    return out

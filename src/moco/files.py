@@ -9,7 +9,8 @@ from pathlib import Path
 from .errors import DiskFull
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object], check: Callable[[Path], None] | None = None) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object],
+                 check: Callable[[Path], None] | None = None) -> Path:
     """Write `path` through `write(tmp)`: a temporary file in the same folder, fsynced, optionally `check`ed,
     renamed into place, and the folder fsynced so that the rename itself is durable.
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoints import LAST, Resume, load_checkpoint
+from .checkpoints import LAST, Resume, find_resume, set_aside
 from .config import PretrainConfig
 from .evaluate.baselines import knn_baselines, knn_lines
 from .evaluate.monitor import KnnMonitor
@@ -35,7 +35,7 @@ def pretrain(
     echo: Callable[[str], None] = print,
     on_step: Callable[[int, nn.Module], bool | None] | None = None,
 ) -> PretrainResult:
-    """Pretrain as `cfg` says; continue from a checkpoint (a path, or a `Resume` already read) if given.
+    """Pretrain as `cfg` says; continue from a checkpoint (a file, a run folder, or a `Resume` already read) if given.
 
     `backbone` replaces cfg.model.arch with any module mapping (B, C, H, W) images to (B, D) features.
     With `baselines`, the end also measures kNN on raw pixels and on a randomly initialised encoder.
@@ -45,19 +45,24 @@ def pretrain(
     trainer = build_trainer(cfg, backbone, echo)
     r, epochs = cfg.run, cfg.optim.epochs
     if resume is not None and not isinstance(resume, Resume):
-        resume = Resume(Path(resume), load_checkpoint(resume))
+        resume = find_resume(str(resume), r.out_dir)
+    if resume is not None and resume.unreadable and trainer.main:
+        set_aside(resume.unreadable)
     monitor = (KnnMonitor(trainer.data, r, epochs, trainer.device)
                if trainer.data.test is not None and trainer.main else None)
     best = resume.state.get("best_knn", -math.inf) if resume else -math.inf
     hooks = [monitor, Diagnostics(), MetricsLogger(r.out_dir, r.tensorboard, r.progress),
              Checkpointer(r.out_dir, r.keep_every, best), StepCallback(on_step) if on_step else None]
+    out_dir = Path(r.out_dir)
     if resume is not None:
         trainer.restore(resume.state, str(resume.path))
         if trainer.epoch >= epochs:
             trainer.echo(f"the run is complete: {trainer.epoch} of {epochs} epochs are done, nothing to train; "
                          "pass --epochs N to train it longer")
+            metrics = resume.state.get("metrics", {})
+            knn = {k.removeprefix("knn_"): v for k, v in metrics.items() if k.startswith("knn_")}
+            return PretrainResult(out_dir, resume.path, trainer.epoch, metrics.get("loss", math.nan), knn or None)
     values = trainer.fit([h for h in hooks if h is not None]) or {}
-    out_dir = Path(r.out_dir)
     result = PretrainResult(out_dir, out_dir / LAST, trainer.epoch, values.get("loss", math.nan),
                             compile_seconds=trainer.compile_seconds)
     if "knn_top1" in values:

@@ -17,7 +17,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is unknown; choose auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here; use device=auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -87,7 +90,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def cpu_prefers_bf16(cpuinfo: str | None = None) -> bool:
     """Whether bf16 autocast trains faster than fp32 on this CPU, judged from its vendor and flags.
 
-    Measured with the default model on 2 cores (`moco bench --skip-reference --set precision=...`):
+    Measured with the default model on 2 cores (`python -m benchmarks bench --no-reference --set precision=...`):
     without native bf16, autocast is emulated and 10-60x slower (an AVX2 Zen 3); on an Intel Xeon with
     AVX512-BF16 but no AMX it was 27% slower (2,254 vs 3,069 img/s), the conversions around the
     normalisation layers costing more than the faster products; on an AMD EPYC Zen 4 with AVX512-BF16

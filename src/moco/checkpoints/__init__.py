@@ -7,7 +7,7 @@ safetensors exports) and writes our safetensors format; `reading` is the one saf
 
 from .encoders import LoadedEncoder, load_encoder, read_safetensors, write_safetensors
 from .reading import read_state
-from .runs import BEST, LAST, PRETRAIN, SUPERVISED, Resume, find_resume, load_checkpoint, save_checkpoint
+from .runs import BEST, LAST, PRETRAIN, SUPERVISED, Resume, find_resume, load_checkpoint, save_checkpoint, set_aside
 
 __all__ = ["BEST", "LAST", "LoadedEncoder", "PRETRAIN", "Resume", "SUPERVISED", "find_resume", "load_checkpoint",
-           "load_encoder", "read_safetensors", "read_state", "save_checkpoint", "write_safetensors"]
+           "load_encoder", "read_safetensors", "read_state", "save_checkpoint", "set_aside", "write_safetensors"]

@@ -63,7 +63,8 @@ def _ours(state: dict[str, Any], path: Path) -> LoadedEncoder:
     if data is None:
         raise CheckpointError(f"{path} lacks the input normalisation (written by a pre-release version); "
                               "pretrain again")
-    prefix = "encoder_q.backbone." if kind == PRETRAIN else "0."  # supervised: Sequential(backbone, fc)
+    # Pretraining checkpoints say where the method keeps its backbone; supervised ones are Sequential(backbone, fc).
+    prefix = state.get("backbone", "encoder_q.backbone") + "." if kind == PRETRAIN else "0."
     backbone = build_backbone(cfg.model.arch, data["channels"], cfg.model.width, cfg.model.small_stem)
     layout = "moco-pretrain" if kind == PRETRAIN else "supervised"
     _load_strict(backbone, _strip(state["model"], prefix), path, layout)

@@ -29,6 +29,8 @@ def is_safetensors(path: Path) -> bool:
 def read_state(path: str | Path) -> dict[str, Any]:
     """The dict a `torch.save` file holds, loaded on the CPU without unpickling code; CheckpointError else."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file (a run folder's is checkpoint.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     with path.open("rb") as f:

@@ -11,7 +11,7 @@ A checkpoint is a dict of tensors and plain Python values saved with `torch.save
     data                channels, crop size, normalisation mean/std: what evaluation must feed the encoder
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,11 @@ def load_checkpoint(path: str | Path, kind: str = PRETRAIN) -> dict[str, Any]:
 
 @dataclass
 class Resume:
-    """The checkpoint a run continues from, read once."""
+    """The checkpoint a run continues from, read once, and the unreadable checkpoints passed over in its folder."""
 
     path: Path
     state: dict[str, Any]
+    unreadable: list[Path] = field(default_factory=list)
 
 
 def find_resume(spec: str, out_dir: str | Path) -> Resume | None:
@@ -72,25 +73,43 @@ def find_resume(spec: str, out_dir: str | Path) -> Resume | None:
         if not path.is_file():
             raise CheckpointError(f"--resume {spec}: no checkpoint at {path}")
         return Resume(path, load_checkpoint(path))
-    candidates = sorted(path.glob("checkpoint*.pt")) if path.is_dir() else []
-    valid: list[Resume] = []
-    broken: dict[str, str] = {}
+    # The last checkpoint is written at every save, so it is the newest when it can be read; the kept ones
+    # (best, every N epochs) are read only when it cannot, one at a time.
+    candidates = sorted(path.glob("checkpoint*.pt"), key=lambda p: p.name != LAST) if path.is_dir() else []
+    newest: Resume | None = None
+    broken: dict[Path, str] = {}
     for candidate in candidates:
         try:
-            valid.append(Resume(candidate, load_checkpoint(candidate)))
+            state = load_checkpoint(candidate)
         except CheckpointError as e:
-            broken[candidate.name] = str(e)
-    if not valid:
+            broken[candidate] = str(e)
+            continue
+        if newest is None or state["step"] > newest.state["step"]:
+            newest = Resume(candidate, state)
+        if candidate.name == LAST:
+            break
+    if newest is None:
         if broken:
-            name, why = next(iter(broken.items()))
+            why = next(iter(broken.values()))
             raise CheckpointError(
                 f"--resume {spec}: no checkpoint in {path} can be read ({len(broken)} tried; {why}); nothing was "
                 f"changed. Move them out of {path} to start a new run there, or use another --out-dir")
         if spec != "auto":
             raise CheckpointError(f"--resume {spec}: no checkpoint in that folder")
         return None
-    newest = max(valid, key=lambda r: r.state["step"])
     if broken:
-        warn(f"{', '.join(broken)} in {path} cannot be read ({next(iter(broken.values()))}); resuming from "
-             f"{newest.path.name} (step {newest.state['step']}), the newest readable checkpoint")
+        newest.unreadable = list(broken)
+        warn(f"{', '.join(p.name for p in broken)} in {path} cannot be read ({next(iter(broken.values()))}); "
+             f"resuming from {newest.path.name} (step {newest.state['step']}), the newest readable checkpoint; the "
+             "unreadable files are kept aside as *.unreadable")
     return newest
+
+
+def set_aside(paths: list[Path]) -> None:
+    """Rename unreadable checkpoints to NAME.unreadable (numbered if taken), so that a resumed run's writes never
+    replace them."""
+    for path in paths:
+        target, n = path.with_name(path.name + ".unreadable"), 1
+        while target.exists():
+            target, n = path.with_name(f"{path.name}.unreadable{n}"), n + 1
+        path.rename(target)

@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from importlib import import_module
 from pathlib import Path
 
 from .. import config as C
@@ -39,9 +40,10 @@ def config_flags(args: argparse.Namespace) -> dict:
     return {section: given(args, cls) for section, (_, cls) in SECTIONS.items()}
 
 
-def resolve_pretrain_config(args: argparse.Namespace):
+def resolve_pretrain_config(args: argparse.Namespace, check=None):
     """preset -> YAML file -> flags. `--resume` continues a run: its stored config, then the file's and the
     flags' fields (a preset other than the run's is refused: it would change the whole recipe silently).
+    `check` (default: pretraining's) rejects a config the command cannot run.
 
     Returns (config, the Resume to continue from or None).
     """
@@ -49,6 +51,11 @@ def resolve_pretrain_config(args: argparse.Namespace):
     from ..errors import ConfigError
     from ..train.setup import check_pretrain_config
 
+    for module in getattr(args, "imports", None) or []:
+        try:
+            import_module(module)  # e.g. a module that registers a method of its own
+        except ImportError as e:
+            raise ConfigError(f"--import {module}: {e}; put the module on PYTHONPATH") from None
     flags = config_flags(args)
     file = C.load_yaml(args.config) if args.config else {}
     name = args.preset or file.get("preset", C.DEFAULT_PRESET)
@@ -70,7 +77,7 @@ def resolve_pretrain_config(args: argparse.Namespace):
             cfg = C.from_dict(C.load_yaml(out_dir / "config.yaml"))
         else:
             print(f"--resume auto: no checkpoint in {out_dir}, starting a new run", file=sys.stderr)
-    return check_pretrain_config(C.apply_overrides(cfg, flags)), resume
+    return (check or check_pretrain_config)(C.apply_overrides(cfg, flags)), resume
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -93,20 +100,19 @@ def cmd_supervised(args: argparse.Namespace) -> int:
     from ..evaluate.baselines import knn_lines, knn_rows
     from ..evaluate.data import EvalConfig, eval_transform, labelled_splits
     from ..runtime import resolve_device
-    from ..train.supervised import supervised
+    from ..train.supervised import check_supervised_config, supervised
 
-    cfg, _ = resolve_pretrain_config(args)
+    cfg, _ = resolve_pretrain_config(args, check_supervised_config)
     if args.print_config:
         print(C.to_yaml(cfg), end="")
         return 0
     path = supervised(cfg)
     encoder = load_encoder(path)
-    if encoder.config.data.dataset != "shards":
-        device = resolve_device(cfg.run.device)
-        train, test = labelled_splits(encoder, EvalConfig(), str(path))
-        rows = knn_rows("supervised backbone", encoder.backbone, train, test, eval_transform(encoder, train, device),
-                        device, cfg.run.knn_k, cfg.run.knn_t, baselines=False)
-        print(f"kNN on {test.name} (k={cfg.run.knn_k}, t={cfg.run.knn_t}):\n" + "\n".join(knn_lines(rows)))
+    device = resolve_device(cfg.run.device)
+    train, test = labelled_splits(encoder, EvalConfig(), str(path))
+    rows = knn_rows("supervised backbone", encoder.backbone, train, test, eval_transform(encoder, train, device),
+                    device, cfg.run.knn_k, cfg.run.knn_t, baselines=False)
+    print(f"kNN on {test.name} (k={cfg.run.knn_k}, t={cfg.run.knn_t}):\n" + "\n".join(knn_lines(rows)))
     return 0
 
 
@@ -120,6 +126,9 @@ def register(sub: argparse._SubParsersAction, argv: list[str]) -> None:
                    "readable one (auto; a new run if there is none)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="end with kNN on raw pixels and on a random encoder, for comparison (default: on)")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help="import a Python module first, e.g. one that registers a method of its own with "
+                   "moco.register (repeatable; the module must be importable, e.g. on PYTHONPATH)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("supervised", help="supervised pre-training of the same backbone on the same data and budget "

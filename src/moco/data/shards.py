@@ -44,7 +44,7 @@ def write_shards(folder: str | Path, out: str | Path, cfg: ShardConfig | None = 
     Files are shuffled (with `seed`) before packing so that every shard mixes classes; unreadable files
     are skipped and counted.
     """
-    wds = require("webdataset", "writing shards")
+    wds = require("webdataset", "moco shard")
     cfg = cfg or ShardConfig()
     image_size, shard_size, seed = cfg.image_size, cfg.shard_size, cfg.seed
     if min(image_size, shard_size) < 1:
@@ -114,6 +114,7 @@ class ShardStream:
     def open(cls, path: str | Path, workers: int = 2) -> "ShardStream":
         """Shards described by a `shards.json` (from `moco shard`); its shard entries may be paths
         relative to it, absolute paths, or URLs (anything WebDataset opens: http://, pipe:, ...)."""
+        require("webdataset", "--dataset shards")  # before any work, not at the first batch
         path = Path(path)
         if path.is_dir():
             path = path / INDEX
@@ -140,7 +141,7 @@ class ShardStream:
         """Endless uint8 batches (b, C, S, S) of this process's share of the shards, reshuffled each epoch."""
         from .. import distributed as dist
 
-        wds = require("webdataset", "reading shards")
+        wds = require("webdataset", "--dataset shards")
 
         rank, world = dist.rank(), dist.world_size()
         share = self.urls[rank::world] if len(self.urls) >= world else self.urls

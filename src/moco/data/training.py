@@ -1,6 +1,9 @@
 """What a pretraining run reads: its training images and, when labels exist, the labelled test split."""
 
 from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
 
 from ..config import DataConfig
 from ..errors import ConfigError
@@ -32,6 +35,15 @@ class TrainingData:
     mean: list[float]
     std: list[float]
 
+    def input_spec(self) -> dict[str, Any]:
+        """What evaluation must feed an encoder trained on this data: channels, crop size, normalisation."""
+        return {"channels": self.train.channels, "size": self.size, "mean": self.mean, "std": self.std}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of `n` images in epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the same."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
 
 def load_training_data(d: DataConfig) -> TrainingData:
     """The data `d` names: in memory (decoded once) or, for shards, streamed."""
@@ -43,8 +55,9 @@ def load_training_data(d: DataConfig) -> TrainingData:
         return TrainingData(train, None, d.image_size or train.image_size, mean, std)
     train = load_images(d.dataset, "train", d.data_root, d.image_size, strict=d.strict)
     if d.train_subset is not None:
-        train = ImageSet(train.images[: d.train_subset], None if train.labels is None else train.labels[: d.train_subset],
-                         train.classes, train.name + f"[:{d.train_subset}]")
+        n = d.train_subset
+        train = ImageSet(train.images[:n], None if train.labels is None else train.labels[:n], train.classes,
+                         train.name + f"[:{n}]")
     if len(train) < d.batch_size:
         raise ConfigError(f"batch_size={d.batch_size} is larger than the {len(train)} training images of "
                           f"{train.name}; use batch_size <= {len(train)}")

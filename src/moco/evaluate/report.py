@@ -77,11 +77,11 @@ def report(run_dir: str | Path, options: ReportConfig | None = None, echo: Calla
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} has no config.yaml, so it is not a run folder of `moco pretrain`")
     config_text = config_path.read_text()
-    cfg = from_dict(load_yaml(config_path))
+    cfg = from_dict(load_yaml(config_path, config_text))
     metrics = read_metrics(run_dir / "metrics.jsonl")
-    require("matplotlib", "moco report's plots")
+    require("matplotlib", "moco report (its plots)")
     if tsne_points:
-        require("sklearn", "moco report's t-SNE map")
+        require("sklearn", "moco report (its t-SNE map)")
     out = Path(out) if out is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -225,8 +225,9 @@ def _knn_plot(rows: list[dict], cfg: PretrainConfig) -> "Figure":
 def _epoch_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     columns = [("epoch", "epoch", "{}"), ("step", "step", "{}"), ("loss", "loss", "{:.4f}"),
                ("acc", "contrastive acc (%)", "{:.2f}"), ("key_spread", "key spread", "{:.3f}")]
-    if any("knn_top1" in row for row in rows):
-        columns += [("knn_top1", "kNN top-1 (%)", "{:.2f}"), ("knn_top5", "kNN top-5 (%)", "{:.2f}")]
+    for key, title in (("knn_top1", "kNN top-1 (%)"), ("knn_top5", "kNN top-5 (%)")):
+        if any(key in row for row in rows):  # top-5 only with more than 5 classes
+            columns.append((key, title, "{:.2f}"))
     columns.append(("seconds", "time (s)", "{:.1f}"))
     body = [[fmt.format(row[key]) if key in row else "–" for key, _, fmt in columns] for row in rows]
     return [title for _, title, _ in columns], body

@@ -2,7 +2,7 @@
 
 A method wraps a query encoder (backbone + head) and turns two augmented views of a batch into
 contrastive logits and labels; the trainer computes `loss(logits, labels)`, steps the optimizer on
-`trainable_parameters()`, and calls `on_step(progress)` before every step for per-iteration schedules.
+`trainable_parameters()`, and calls `before_step(progress)` before every step for per-iteration schedules.
 Everything else the trainer needs (is a second view used, how to compile, which configs can run, the
 diagnostics' chance level and recent keys) is asked of the method, so the trainer never branches on a
 method's name. A new method subclasses `Method` and registers itself:
@@ -17,6 +17,7 @@ method's name. A new method subclasses `Method` and registers itself:
 and `method: my_method` in a config (or `--method my_method`) then trains it.
 """
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import ClassVar
@@ -70,9 +71,9 @@ class Method(nn.Module, ABC):
         """What the optimizer trains: the query encoder."""
         return self.encoder_q.parameters()
 
-    def on_step(self, progress: float) -> None:
-        """Called before every optimizer step with the fraction of training done, for per-iteration
-        schedules of the method's own (e.g. a momentum coefficient). Nothing by default."""
+    def before_step(self, progress: float) -> None:
+        """Called before every optimizer step with the fraction of training done (step / total steps), for
+        per-iteration schedules of the method's own (e.g. MoCo v3's momentum coefficient). Nothing by default."""
 
     def compile_encoders(self) -> None:
         """torch.compile the encoders in place (their parameter names, so checkpoints, stay the same)."""
@@ -100,6 +101,12 @@ class Method(nn.Module, ABC):
     def keys_per_image(self) -> int:
         """Keys each image adds to the queue per step (2 with a symmetric loss)."""
         return 1
+
+
+def check_temperature(T: float) -> None:
+    """A softmax temperature must be a finite number > 0."""
+    if not 0 < T < math.inf:
+        raise ConfigError(f"temperature T must be a finite number > 0, got {T}")
 
 
 METHODS: dict[str, type[Method]] = {}

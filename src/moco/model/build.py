@@ -15,9 +15,12 @@ from .memory_bank import MemoryBank  # noqa: F401, I001
 
 
 def check_model_config(cfg: PretrainConfig, world: int = 1) -> None:
-    """Raise ConfigError if the model part of `cfg` names an unknown architecture, head or method, or if its
-    method cannot run `cfg` on `world` processes."""
-    m = cfg.model
+    """Raise ConfigError if the model part of `cfg` names an unknown architecture, head or method, splits the batch
+    into BN groups unevenly, or if its method cannot run `cfg` on `world` processes."""
+    m, d = cfg.model, cfg.data
+    if d.batch_size % m.bn_splits:
+        raise ConfigError(f"batch_size={d.batch_size} must be a multiple of bn_splits={m.bn_splits} (split BN); e.g. "
+                          f"batch_size={max(m.bn_splits, d.batch_size // m.bn_splits * m.bn_splits)}")
     if m.arch not in BACKBONES:
         raise ConfigError(f"arch={m.arch!r} is unknown; choose one of {', '.join(BACKBONES)}")
     if m.head not in HEADS:

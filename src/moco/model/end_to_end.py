@@ -4,15 +4,13 @@ Gradients flow into both paths, and each query's negatives are the other keys of
 dictionary is the batch (K = batch - 1) and grows only with memory.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ConfigError
-from .base import Method, register
+from .base import Method, check_temperature, register
 
 
 @register("end_to_end")
@@ -21,8 +19,7 @@ class EndToEnd(Method):
 
     def __init__(self, encoder_q: nn.Module, T: float = 0.07, shuffle_bn: bool = True) -> None:
         super().__init__(encoder_q)
-        if not 0 < T < math.inf:
-            raise ConfigError(f"temperature T must be a finite number > 0, got {T}")
+        check_temperature(T)
         self.T, self.shuffle_bn = T, shuffle_bn
         self.register_buffer("last_keys", torch.zeros(0), persistent=False)
 

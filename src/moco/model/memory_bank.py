@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig, PretrainConfig
 from ..errors import ConfigError
-from .base import Method, register
+from .base import Method, check_temperature, register
 
 
 @register("memory_bank")
@@ -24,8 +24,7 @@ class MemoryBank(Method):
     def __init__(self, encoder_q: nn.Module, dim: int, num_images: int, K: int = 4096, T: float = 0.07,
                  bank_momentum: float = 0.5) -> None:
         super().__init__(encoder_q)
-        if not 0 < T < math.inf:
-            raise ConfigError(f"temperature T must be a finite number > 0, got {T}")
+        check_temperature(T)
         if not 1 <= K <= num_images:
             raise ConfigError(f"memory bank: K={K} negatives must be in [1, number of images={num_images}]")
         self.K, self.T, self.bank_momentum = K, T, bank_momentum

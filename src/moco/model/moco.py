@@ -18,7 +18,7 @@ from torch import nn
 from .. import distributed as dist
 from ..config import ModelConfig, PretrainConfig
 from ..errors import ConfigError
-from .base import Method, register
+from .base import Method, check_temperature, register
 from .momentum import momentum_copy, momentum_update
 from .queue import KeyQueue
 
@@ -52,8 +52,7 @@ class MoCo(Method):
         super().__init__(encoder_q)
         if not 0.0 <= m < 1.0:
             raise ConfigError(f"key momentum m must be in [0, 1), got {m}")
-        if not 0 < T < math.inf:
-            raise ConfigError(f"temperature T must be a finite number > 0, got {T}")
+        check_temperature(T)
         self.m, self.T = m, T
         self.symmetric = symmetric
         self.shuffle_bn = shuffle_bn

@@ -43,7 +43,7 @@ class Checkpointer(Hook):
         state = trainer.state_dict()
         if not trainer.main:
             return self.out_dir / LAST
-        at_epoch_end = trainer.step == trainer.epoch * trainer.steps_per_epoch
+        at_epoch_end = trainer.step_in_epoch == 0
         is_best = at_epoch_end and "knn_top1" in metrics and metrics["knn_top1"] >= self.best_knn
         if is_best:
             self.best_knn = metrics["knn_top1"]
@@ -65,6 +65,7 @@ class MetricsLogger(Hook):
         self.tensorboard, self.progress, self.every = tensorboard, progress, every
         self.writer = None
         self.bar: tqdm | None = None
+        self.rate_from = (0, 0.0)  # (steps seen, clock) that images/s counts from, set at each epoch's start
         self.compiled = False  # whether images/s already restarted after the compiling first step
 
     def on_start(self, trainer: Trainer) -> None:
@@ -88,25 +89,24 @@ class MetricsLogger(Hook):
                     self.writer.add_scalar(f"{tag}/{name}", value, step)
 
     def on_epoch_start(self, trainer: Trainer) -> None:
-        first = trainer.step - trainer.epoch * trainer.steps_per_epoch
-        self.bar = tqdm(total=trainer.steps_per_epoch, initial=first, desc=f"epoch {trainer.epoch + 1}/"
+        self.bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch, desc=f"epoch {trainer.epoch + 1}/"
                         f"{trainer.cfg.optim.epochs}", disable=not (self.progress and trainer.main),
                         dynamic_ncols=True, leave=True)
-        self.rate_from = (0, time.perf_counter())  # (steps seen, clock) that images/s counts from
+        self.rate_from = (0, time.perf_counter())
 
     def on_step(self, trainer: Trainer, out: StepOutput | None) -> None:
         self.bar.update(1)
         if trainer.compile_seconds is not None and not self.compiled:  # images/s counts after compilation
             self.compiled = True
             self.rate_from = (trainer.seen, time.perf_counter())
-        last = trainer.step % trainer.steps_per_epoch == 0
+        last = trainer.step_in_epoch == trainer.steps_per_epoch
         if trainer.seen <= self.rate_from[0] or not (trainer.seen % self.every == 0 or last):
             return
         seen, clock = self.rate_from
         img_s = (trainer.seen - seen) * trainer.cfg.data.batch_size / (time.perf_counter() - clock)
         lr = trainer.optimizer.param_groups[0]["lr"]
-        values = {"loss": (trainer.loss_sum / trainer.seen).item(), "acc": 100 * (trainer.acc_sum / trainer.seen).item(),
-                  "lr": lr, "img_s": img_s}
+        values = {"loss": (trainer.loss_sum / trainer.seen).item(),
+                  "acc": 100 * (trainer.acc_sum / trainer.seen).item(), "lr": lr, "img_s": img_s}
         self.bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.1f}%", lr=f"{lr:.4f}",
                              img_s=f"{img_s:.0f}", refresh=False)
         if trainer.main:
@@ -139,11 +139,12 @@ class Diagnostics(Hook):
     def on_start(self, trainer: Trainer) -> None:
         method, batch = trainer.method, trainer.cfg.data.batch_size
         self.watch = LossWatch(*method.chance(batch))
+        self.watch.checked = trainer.step > 0  # the first losses tell something only about a run from scratch
         if trainer.main and method.queue_size():
             check_queue_size(method.queue_size(), trainer.steps_per_epoch * batch * method.keys_per_image())
 
     def on_epoch_start(self, trainer: Trainer) -> None:
-        self.whole_epoch = trainer.step == trainer.epoch * trainer.steps_per_epoch  # not resumed mid-epoch
+        self.whole_epoch = trainer.step_in_epoch == 0  # not resumed mid-epoch
 
     def on_step(self, trainer: Trainer, out: StepOutput | None) -> None:
         if trainer.main and out is not None and not self.watch.checked and trainer.step > self.watch.first_full_step:

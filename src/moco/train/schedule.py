@@ -9,7 +9,7 @@ protocol and fine-tuning.
 import math
 from collections.abc import Sequence
 
-SCHEDULES = ("cosine", "step", "constant")
+from ..config import SCHEDULES
 
 
 def lr_at(step: int, total: int, base: float, schedule: str = "cosine", milestones: Sequence[int] = (),

@@ -1,5 +1,7 @@
 """From a config to a trainer ready to run: the checks, the process group and device, the data, the method."""
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -33,7 +35,8 @@ def check_device(cfg: PretrainConfig, device: torch.device) -> None:
                           "bf16 or fp32 (or auto)")
 
 
-def build_trainer(cfg: PretrainConfig, backbone: nn.Module | None = None, echo=print) -> Trainer:
+def build_trainer(cfg: PretrainConfig, backbone: nn.Module | None = None,
+                  echo: Callable[[str], None] = print) -> Trainer:
     """Join torchrun's process group (if any), pick the device, load the data and build the method of `cfg`.
 
     `backbone` replaces cfg.model.arch with any module mapping (B, C, H, W) images to (B, D) features.

@@ -14,15 +14,25 @@ from tqdm import tqdm
 from ..checkpoints import SUPERVISED, save_checkpoint
 from ..config import PretrainConfig, to_yaml, validate
 from ..data.augment import build_augment
-from ..data.training import check_data_config, load_training_data
+from ..data.training import check_data_config, epoch_order, load_training_data
 from ..errors import ConfigError
 from ..files import write_text
-from ..model.backbones import build_backbone
+from ..model.backbones import BACKBONES, build_backbone
 from ..runtime import resolve_device, rng_state, seed_everything
 from .optim import build_optimizer, pretrain_lr
 from .steps import sgd_steps
 
 CHECKPOINT = "supervised.pt"
+
+
+def check_supervised_config(cfg: PretrainConfig) -> PretrainConfig:
+    """What supervised pre-training uses of a pretraining config: the values, the data, the backbone's name (the
+    method's fields, and split BN, do not apply)."""
+    validate(cfg)
+    check_data_config(cfg.data)
+    if cfg.model.arch not in BACKBONES:
+        raise ConfigError(f"arch={cfg.model.arch!r} is unknown; choose one of {', '.join(BACKBONES)}")
+    return cfg
 
 
 def supervised(cfg: PretrainConfig, echo: Callable[[str], None] = print) -> Path:
@@ -31,8 +41,7 @@ def supervised(cfg: PretrainConfig, echo: Callable[[str], None] = print) -> Path
     Same backbone (cfg.model.arch/width/small_stem), data, epochs, batch and SGD schedule as pretraining;
     the augmentation is random resized crop + flip (the standard supervised recipe).
     """
-    validate(cfg)
-    check_data_config(cfg.data)
+    check_supervised_config(cfg)
     m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
     device = resolve_device(r.device)
     if r.threads is not None:
@@ -54,7 +63,7 @@ def supervised(cfg: PretrainConfig, echo: Callable[[str], None] = print) -> Path
     steps = len(train) // d.batch_size
     model.train()
     for epoch in range(o.epochs):
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(r.seed * 100_003 + epoch))
+        order = epoch_order(len(train), r.seed, epoch)
         correct = torch.zeros((), device=device)
 
         def batch_loss(step: int) -> torch.Tensor:
@@ -77,8 +86,7 @@ def supervised(cfg: PretrainConfig, echo: Callable[[str], None] = print) -> Path
              f"{100 * correct.item() / (steps * d.batch_size):.1f}%, {time.perf_counter() - tic:.0f} s")
     path = save_checkpoint(
         {"config": asdict(cfg), "epoch": o.epochs, "step": o.epochs * steps, "model": model.state_dict(),
-         "rng": [rng_state()], "data": {"channels": train.channels, "size": data.size, "mean": data.mean,
-                                        "std": data.std}},
+         "rng": [rng_state()], "data": data.input_spec()},
         out_dir / CHECKPOINT, kind=SUPERVISED,
     )
     echo(f"checkpoint: {path}")

@@ -7,7 +7,7 @@ the loop calls at fixed points; `moco.pipeline.pretrain` assembles the usual one
 import copy
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any, NamedTuple
 
@@ -19,7 +19,7 @@ from .. import distributed as dist
 from ..config import PretrainConfig, from_dict
 from ..data.augment import build_augment
 from ..data.shards import ShardStream
-from ..data.training import TrainingData
+from ..data.training import TrainingData, epoch_order
 from ..errors import CheckpointError, Interrupted, NonFiniteLoss, OutOfMemory
 from ..model import Method
 from ..runtime import autocast_dtype, rng_state, seed_everything, set_rng_state, synchronize
@@ -68,7 +68,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: PretrainConfig, method: Method, data: TrainingData, device: torch.device,
-                 echo=print) -> None:
+                 echo: Callable[[str], None] = print) -> None:
         m, d, r = cfg.model, cfg.data, cfg.run
         self.cfg, self.data, self.device = cfg, data, device
         self.rank, self.world = dist.rank(), dist.world_size()
@@ -104,12 +104,12 @@ class Trainer:
     # -- position and checkpoints ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs; every process takes part (their RNG states are gathered)."""
-        d = self.data
+        """What a resumed run needs, and where evaluation finds the backbone in it (`backbone`: its prefix in
+        `model`); every process takes part (their RNG states are gathered)."""
+        backbone = next(name for name, module in self.method.named_modules() if module is self.method.backbone)
         return {"config": asdict(self.cfg), "epoch": self.epoch, "step": self.step,
-                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rng": dist.gather_objects(rng_state()),
-                "data": {"channels": d.train.channels, "size": d.size, "mean": d.mean, "std": d.std}}
+                "model": self.method.state_dict(), "backbone": backbone, "optimizer": self.optimizer.state_dict(),
+                "rng": dist.gather_objects(rng_state()), "data": self.data.input_spec()}
 
     def restore(self, state: dict[str, Any], path: str) -> None:
         """Continue from a checkpoint's `state` (read from `path`): model, optimizer, RNG state and position."""
@@ -173,7 +173,7 @@ class Trainer:
     def run_epoch(self) -> dict[str, Any] | None:
         """Train the rest of epoch `self.epoch`; its metrics, or None when stopped before its end."""
         self.method.train()
-        first = self.step - self.epoch * self.steps_per_epoch  # > 0 when resuming mid-epoch
+        first = self.step_in_epoch  # > 0 when resuming mid-epoch
         batches = self.epoch_batches(first)
         self.loss_sum = torch.zeros((), device=self.device)
         self.acc_sum = torch.zeros((), device=self.device)
@@ -181,7 +181,7 @@ class Trainer:
         for hook in self.hooks:
             hook.on_epoch_start(self)
         for i in range(first, self.steps_per_epoch):
-            self.method.on_step(self.step / self.total_steps)
+            self.method.before_step(self.step / self.total_steps)
             set_lr(self.optimizer, self.lr)
             step_tic = time.perf_counter()
             out = self.train_step(*next(batches))
@@ -216,6 +216,11 @@ class Trainer:
         return values
 
     @property
+    def step_in_epoch(self) -> int:
+        """Steps done of the current epoch (0 at its start; > 0 after a resume mid-epoch)."""
+        return self.step - self.epoch * self.steps_per_epoch
+
+    @property
     def lr(self) -> float:
         """The learning rate of the current step."""
         return pretrain_lr(self.step, self.steps_per_epoch, self.cfg.optim, self.cfg.data.batch_size)
@@ -236,7 +241,7 @@ class Trainer:
                 if i >= first:
                     yield images, None
             return
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + self.epoch))
+        order = epoch_order(len(train), seed, self.epoch)
         for i in range(first, self.steps_per_epoch):
             idx = order[i * d.batch_size : (i + 1) * d.batch_size].chunk(self.world)[self.rank]
             yield train.images[idx], idx

@@ -33,7 +33,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _pycocotools():
-    require("pycocotools", "COCO files and metrics")
+    require("pycocotools", "COCO files and detection AP")
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval

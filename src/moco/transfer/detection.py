@@ -27,7 +27,7 @@ from ..checkpoints import LoadedEncoder
 from ..config import opt
 from ..errors import ConfigError
 from ..runtime import resolve_device
-from .finetune import FinetuneConfig, check_config, check_scenes, finetune_loop, prepare_backbone, scenes_mean_std
+from .finetune import FinetuneConfig, backbone_for, check_config, check_scenes, finetune_loop
 from .scenes import Scenes, match_channels
 
 MODELS = ("faster", "mask")
@@ -48,14 +48,10 @@ def check_detection_config(cfg: DetectionConfig) -> None:
         raise ConfigError(f"detection model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
 
 
-
-
 def build_detector(encoder: LoadedEncoder | None, arch: str, scenes: Scenes, cfg: DetectionConfig) -> nn.Module:
     """Faster/Mask R-CNN + FPN around the encoder's backbone, sized for the canvas of `scenes`."""
     check_detection_config(cfg)
-    stages, channels, mean, std = prepare_backbone(encoder, arch, scenes.channels, cfg,
-                                                   scenes_mean_std(scenes, encoder.channels if encoder else
-                                                                   scenes.channels))
+    stages, channels, mean, std = backbone_for(encoder, arch, scenes, cfg)
     canvas = scenes.canvas
     levels = stages.outputs[-FPN_STAGES:]
     fpn = BackboneWithFPN(stages.body, {name: str(i) for i, name in enumerate(levels)}, stages.channels[-FPN_STAGES:],

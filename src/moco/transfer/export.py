@@ -36,7 +36,10 @@ BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_trac
 
 
 class ExportCheckError(MocoError):
-    """An export that did not load back into its target as the source backbone; nothing was written."""
+    """An export that did not load back into its target as the source backbone; nothing was written. A defect of
+    the conversion, not of the user's input: exit status 1."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -58,7 +61,7 @@ def export_encoder(checkpoint: str | Path, fmt: str, out: str | Path, arch: str 
                           f"{out.with_suffix('.pkl')}")
     if out.resolve() == Path(checkpoint).resolve():
         raise ConfigError(f"--out {out} is the checkpoint itself; choose another output file")
-    timm = require("timm", "the timm export format") if fmt == "timm" else None
+    timm = require("timm", "--format timm") if fmt == "timm" else None
     encoder = load_encoder(checkpoint, arch)
     _check_exportable(encoder, fmt)
     weights = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()}
@@ -114,10 +117,7 @@ def _export_torchvision(encoder: LoadedEncoder, weights: dict[str, torch.Tensor]
             model.conv1 = nn.Conv2d(encoder.channels, 64, 7, stride=2, padding=3, bias=False)
         return _with_small_stem(model, encoder)
 
-    def check(tmp: Path) -> None:
-        _check_loads(target(), torch.load(tmp, map_location="cpu", weights_only=True), encoder, weights)
-
-    _write_checked(out, lambda tmp: torch.save(weights, tmp), check)
+    _write_state_dict(out, weights, encoder, target)
     lines = ["load it with:", f"  model = torchvision.models.{encoder.arch}()"]
     if encoder.channels != 3 and not _small_stem(encoder):
         lines.append(f"  model.conv1 = torch.nn.Conv2d({encoder.channels}, 64, 7, stride=2, padding=3, bias=False)"
@@ -133,16 +133,23 @@ def _export_timm(timm: ModuleType, encoder: LoadedEncoder, weights: dict[str, to
         model = timm.create_model(encoder.arch, pretrained=False, num_classes=0, in_chans=encoder.channels)
         return _with_small_stem(model, encoder)
 
-    def check(tmp: Path) -> None:
-        _check_loads(target(), torch.load(tmp, map_location="cpu", weights_only=True), encoder, weights)
-
-    _write_checked(out, lambda tmp: torch.save(weights, tmp), check)
+    _write_state_dict(out, weights, encoder, target)
     return ["load it with:",
             f"  model = timm.create_model({encoder.arch!r}, num_classes=0, in_chans={encoder.channels})",
             *_small_stem_lines(encoder),
             f"  model.load_state_dict(torch.load({str(out)!r}, weights_only=True))",
             "  (num_classes=0: no classifier is exported; timm.create_model(..., num_classes=N) adds a new one, "
             "load with strict=False then)"]
+
+
+def _write_state_dict(out: Path, weights: dict[str, torch.Tensor], encoder: LoadedEncoder,
+                      target: Callable[[], nn.Module]) -> None:
+    """`weights` saved as a plain state_dict, checked by loading it strictly into a fresh `target()`."""
+
+    def check(tmp: Path) -> None:
+        _check_loads(target(), torch.load(tmp, map_location="cpu", weights_only=True), encoder, weights)
+
+    _write_checked(out, lambda tmp: torch.save(weights, tmp), check)
 
 
 def _with_small_stem(model: nn.Module, encoder: LoadedEncoder) -> nn.Module:

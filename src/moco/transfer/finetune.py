@@ -169,6 +169,14 @@ def prepare_backbone(encoder: LoadedEncoder | None, arch: str, channels: int, cf
     return stages, channels, mean, std
 
 
+def backbone_for(encoder: LoadedEncoder | None, arch: str, scenes: Scenes,
+                 cfg: FinetuneConfig) -> tuple[Stages, int, list[float], list[float]]:
+    """`prepare_backbone` for fine-tuning on `scenes`: a random backbone is normalised with the scenes' own
+    statistics."""
+    stats = scenes_mean_std(scenes, encoder.channels if encoder else scenes.channels)
+    return prepare_backbone(encoder, arch, scenes.channels, cfg, stats)
+
+
 def scenes_mean_std(scenes: Scenes, channels: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units of (at most 500 of) the scenes' images."""
     sample = [match_channels(img, channels).float().flatten(1) / 255 for img in scenes.images[:500]]

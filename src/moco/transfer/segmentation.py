@@ -26,7 +26,7 @@ from ..checkpoints import LoadedEncoder
 from ..config import opt
 from ..errors import ConfigError, DataError
 from ..runtime import resolve_device
-from .finetune import FinetuneConfig, check_config, check_scenes, finetune_loop, prepare_backbone, scenes_mean_std
+from .finetune import FinetuneConfig, backbone_for, check_config, check_scenes, finetune_loop
 from .scenes import IGNORE, Scenes, match_channels
 
 HEADS = ("deeplab", "fcn")
@@ -64,9 +64,7 @@ def check_segmentation_config(cfg: SegmentationConfig) -> None:
 def build_segmenter(encoder: LoadedEncoder | None, arch: str, scenes: Scenes, cfg: SegmentationConfig) -> Segmenter:
     """A DeepLabV3 or FCN head on the last stage of the encoder's backbone (or of a random `arch`)."""
     check_segmentation_config(cfg)
-    stages, channels, mean, std = prepare_backbone(encoder, arch, scenes.channels, cfg,
-                                                   scenes_mean_std(scenes, encoder.channels if encoder else
-                                                                   scenes.channels))
+    stages, channels, mean, std = backbone_for(encoder, arch, scenes, cfg)
     body = IntermediateLayerGetter(stages.body, {stages.outputs[-1]: "out"})
     width = stages.channels[-1]
     classes = scenes.num_classes + 1
