@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ def pytest_configure(config):
     # Tests run two to a machine of two cores (pytest -n 2): one thread each avoids oversubscription.
     torch.set_num_threads(1)
     os.environ.setdefault("MOCO_DATA", str(Path(__file__).resolve().parents[1] / "data"))
+    os.environ.setdefault("MOCO_CACHE", tempfile.mkdtemp(prefix="moco-test-cache-"))  # folder listings
 
 
 @pytest.fixture(autouse=True)

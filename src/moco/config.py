@@ -21,6 +21,7 @@ from .runtime import PRECISIONS
 DEFAULT_PRESET = "cpu"  # the README's main job
 SCHEDULES = ("cosine", "step", "constant")
 NONFINITE = ("stop", "skip")
+LOADERS = ("auto", "memory", "stream")
 DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts
 
 
@@ -63,9 +64,14 @@ class DataConfig:
     crop_min_scale: float = opt(0.2, "smallest area of a random resized crop, as a fraction of the image")
     jitter_strength: float = opt(0.4, "v1/v2 colour jitter's brightness, contrast and saturation (0.4 in the papers)")
     batch_size: int = opt(256, "images per step (the global batch)")
-    train_subset: int | None = opt(None, "use only the first N training images")
-    strict: bool = opt(False, "folders: fail on the first unreadable image instead of skipping it")
-    workers: int = opt(2, "shards: DataLoader worker processes decoding each process's shards")
+    train_subset: int | None = opt(None, "use only N training images: the first N (folders: an evenly spaced N, "
+                                         "every class keeping its share), chosen before any is decoded")
+    strict: bool = opt(False, "folders in memory: fail on the first unreadable image instead of skipping it")
+    loader: str = opt("auto", "folders: auto (in memory when the decoded images fit memory_budget, else streamed "
+                              "from disk) | memory | stream")
+    memory_budget: float | None = opt(None, "GiB the decoded training images may take in memory (none: a quarter "
+                                            "of the machine's RAM)")
+    workers: int = opt(2, "streamed folders and shards: DataLoader worker processes decoding each process's share")
 
 
 @dataclass
@@ -96,6 +102,8 @@ class RunConfig:
     knn_every: int = opt(5, "kNN monitor every N epochs (0: only at the end; -1: never)")
     knn_k: int = opt(200, "kNN neighbours")
     knn_t: float = opt(0.1, "kNN temperature of the vote weights exp(sim/t)")
+    knn_bank: int | None = opt(None, "kNN monitor: at most this many training images (evenly spaced) in its memory "
+                                     "bank (none: all; large streamed data sets want fewer)")
     keep_every: int = opt(0, "also keep checkpoint_epochNNNN.pt every N epochs (0: only the last and the best)")
     nonfinite: str = opt("stop", "on a non-finite loss or gradient: stop (keeping the last checkpoint) | skip the step")
     tensorboard: bool = opt(True, "write TensorBoard events to out_dir/tensorboard")
@@ -294,6 +302,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     need(d.train_subset is None or d.train_subset >= d.batch_size,
          f"train_subset={d.train_subset} must be >= batch_size={d.batch_size}")
     need(d.workers >= 0, f"workers must be >= 0, got {d.workers}")
+    need(d.loader in LOADERS, f"loader={d.loader!r} is unknown; choose one of {', '.join(LOADERS)}")
+    need(d.memory_budget is None or d.memory_budget > 0, f"memory_budget must be > 0 GiB, got {d.memory_budget}")
+    need(r.knn_bank is None or r.knn_bank >= 1, f"knn_bank must be >= 1 or none, got {r.knn_bank}")
     need(o.epochs >= 1, f"epochs must be >= 1, got {o.epochs}")
     need(o.lr > 0, f"lr must be > 0, got {o.lr}")
     need(o.lr_batch_size >= 1, f"lr_batch_size must be >= 1, got {o.lr_batch_size}")

@@ -68,12 +68,12 @@ def pretrain(
     if "knn_top1" in values:
         result.knn = {k.removeprefix("knn_"): v for k, v in values.items() if k.startswith("knn_")}
     if monitor is not None and baselines:
-        data, backbone = trainer.data, trainer.method.backbone
+        backbone, bank, test = trainer.method.backbone, monitor.bank, monitor.test
         result.knn = result.knn or monitor(backbone)
-        result.baselines = knn_baselines(backbone, data.train, data.test, monitor.transform, trainer.device,
-                                         r.knn_k, r.knn_t, channels_last=r.channels_last)
-        echo("\n".join([f"kNN on {data.test.name} ({len(data.test)} images; weighted, k={r.knn_k}, t={r.knn_t}; "
-                        f"memory bank: {len(data.train)} training images)",
+        result.baselines = knn_baselines(backbone, bank, test, monitor.transform, trainer.device, r.knn_k, r.knn_t,
+                                         channels_last=r.channels_last)
+        echo("\n".join([f"kNN on {test.name} ({len(test)} images; weighted, k={r.knn_k}, t={r.knn_t}; "
+                        f"memory bank: {len(bank)} training images)",
                         *knn_lines({"this run's encoder": result.knn, **result.baselines}),
                         f"checkpoint: {result.checkpoint}"]))
     return result

@@ -17,11 +17,11 @@ def register(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     from ..data.shards import ShardConfig
 
     p = sub.add_parser("shard", help="pack an image folder into WebDataset tar shards",
-                       description="Decode the images of FOLDER once (shorter side to --image-size, centre crop, as "
-                       "the in-memory folder loader does), shuffle them and write OUT/shard-NNNNNN.tar files of PNGs "
-                       "(+ class labels) and OUT/shards.json; pretrain with --dataset shards --data-root "
-                       "OUT/shards.json. The index may list URLs instead of files. Needs the shards extra "
-                       "(webdataset).")
+                       description="Pack the image files of FOLDER's train split, shuffled, into OUT/shard-NNNNNN.tar "
+                       "files (+ class labels) and OUT/shards.json: each file's bytes as they are, or with --max-side "
+                       "downscaled once in its own format. Pretrain with --dataset shards --data-root OUT/shards.json "
+                       "(two crops of each original are decoded while training, as for a streamed folder). The index "
+                       "may list URLs instead of files. Needs the shards extra (webdataset).")
     p.add_argument("folder", help="an image folder (class sub-folders or flat)")
     p.add_argument("out", help="output folder")
     add_fields(p, ShardConfig)

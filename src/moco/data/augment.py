@@ -464,7 +464,7 @@ class BatchAugment(_Normalising):
 
 def build_augment(
     preset: str, size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2,
-    jitter_strength: float = 0.4,
+    jitter_strength: float = 0.4, crop: bool = True,
 ) -> BatchAugment:
     """The augmentation of a named preset, sized for ``size``-px outputs.
 
@@ -475,11 +475,13 @@ def build_augment(
     * ``"crop"``: crop (scale 0.2-1) and flip only.
     * ``"none"``: resize and normalise only; the same output as `EvalTransform`.
 
+    ``crop=False`` leaves the random resized crop out, for views cropped already (streamed data, whose crops
+    are cut from the original image while decoding it).
     ``min_scale`` is the smallest crop area (0.2 in the papers). ``jitter_strength`` is the colour
     jitter's brightness, contrast and saturation (0.4 in the papers; hue keeps the preset's): on
     one-channel images only brightness and contrast act, and a stronger jitter makes up for it.
     """
-    crop = (min_scale, 1.0)
+    crop = (min_scale, 1.0) if crop else None
     j = jitter_strength
     if preset == "v1":
         return BatchAugment(

@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..errors import ConfigError, DataError
 from ..extras import available, require
+from .decode import centre_crop
+from .folders import IMAGE_EXTENSIONS, evenly_spaced, has_folder_split, list_folder
+from .order import process_batches
 
 __all__ = [
     "DATASETS",
@@ -39,7 +41,6 @@ __all__ = [
 DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100", "folder")
 SPLITS = ("train", "test", "val")
 FOLDER_IMAGE_SIZE = 64
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 _STATS_SAMPLE = 10_000
 _DECODE_THREADS = 4
@@ -84,8 +85,19 @@ class ImageSet:
                 f"got {tuple(self.labels.shape)} {self.labels.dtype}"
             )
 
+    precropped = False  # batches hold whole images, which the training device crops
+
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def batches(self, epoch: int, first: int, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training: (images (b, C, H, W) uint8, their indices (b,)) of this process, step `first` of `epoch` on."""
+        for _, index in process_batches(len(self), batch_size, seed, epoch, first):
+            yield self.images[index], index
+
+    def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Evaluation: the images (b, C, H, W) uint8, in order."""
+        yield from self.images.split(batch_size)
 
     @property
     def channels(self) -> int:
@@ -118,12 +130,15 @@ def load_images(
     root: str | Path | None = None,
     image_size: int | None = None,
     strict: bool = False,
+    subset: int | None = None,
 ) -> ImageSet:
     """Decode one split of a data set into memory.
 
     `image_size=None` keeps the native size (folders: 64); otherwise images come out
     `image_size` x `image_size`. `strict` makes an unreadable image file in a folder an
-    error instead of a skipped file. "val" is accepted as another name of "test".
+    error instead of a skipped file. "val" is accepted as another name of "test". `subset`
+    keeps N images: the first N, or for a folder an evenly spaced N (every class keeps its
+    share), chosen before anything is decoded.
     """
     split = _check_split(dataset, split)
     if image_size is not None and (
@@ -134,16 +149,18 @@ def load_images(
     if dataset == "folder":
         if root is None:
             raise ConfigError("dataset 'folder' needs root=<path to an image folder>")
-        return _load_folder(Path(root).expanduser(), split, image_size or FOLDER_IMAGE_SIZE, strict, name)
+        return _load_folder(Path(root).expanduser(), split, image_size or FOLDER_IMAGE_SIZE, strict, name, subset)
     if dataset == "fashion-mnist":
         images, labels, classes = _load_fashion_mnist(split, root)
     elif dataset == "digits":
         images, labels, classes = _load_digits(split)
     else:
         images, labels, classes = _load_cifar(dataset, split, root)
+    if subset is not None:
+        images, labels, name = images[:subset], labels[:subset], f"{name}[:{subset}]"
     if image_size is not None:
         images = _resize_tensor(images, image_size)
-    return ImageSet(images=images, labels=labels, classes=classes, name=name)
+    return ImageSet(images=images.contiguous(), labels=labels, classes=classes, name=name)
 
 
 def has_split(dataset: str, split: str, root: str | Path | None = None) -> bool:
@@ -152,13 +169,13 @@ def has_split(dataset: str, split: str, root: str | Path | None = None) -> bool:
     if dataset == "digits":
         return available("sklearn")
     if dataset == "folder":
-        if root is None:
+        if root is None or not has_folder_split(Path(root).expanduser(), split):
             return False
         try:
-            files, _ = list_folder(Path(root).expanduser(), split)
+            list_folder(Path(root).expanduser(), split)  # cached: cheap after the first time
         except DataError:
             return False
-        return bool(files)
+        return True
     return _find_data_dir(dataset, split, root) is not None
 
 
@@ -503,143 +520,23 @@ def _resize_tensor(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# Image folders
-
-_SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
-_GRAY_MODES = {"1", "L", "LA", "La", "F"} | _SIXTEEN_BIT_MODES
-_SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}
+# Image folders, decoded into memory (folders.py lists them; streaming.py serves those too large for memory)
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _image_files(directory: Path, recursive: bool) -> Iterator[Path]:
-    """Image files under `directory` in sorted order, skipping hidden files and folders."""
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d)) if recursive else []
-        for name in sorted(filenames):
-            if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield Path(dirpath, name)
-
-
-def _class_dirs(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_dir() and not _is_hidden(p.name))
-
-
-@dataclass
-class FolderListing:
-    labels: list[int] | None
-    classes: list[str] | None
-    empty_classes: list[Path]
-    loose_images_dir: Path | None  # holds image files next to class folders, which are not read
-
-
-def list_folder(root: Path, split: str) -> tuple[list[Path], FolderListing]:
-    """The image files of one split of a folder data set, and their labels."""
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist (or is not a folder); check the path")
-    split_dirs = {
-        s: next((root / n for n in names if (root / n).is_dir()), None) for s, names in _SPLIT_FOLDERS.items()
-    }
-    if not any(split_dirs.values()):  # one folder: all of it is the train split
-        if split != "train":
-            raise DataError(
-                f"{root} has no {split} split: it has no train/ and test/ (or val/) sub-folders. "
-                f"To make one, move the images into {root}/train/<class>/ and {root}/test/<class>/"
-            )
-        data_dir, split_roots = root, [root]
-    else:
-        data_dir = split_dirs[split]
-        if data_dir is None:
-            raise DataError(
-                f"{root} has no {_SPLIT_FOLDERS[split][0]}/ folder for the {split} split; "
-                f"expected {root}/train/ and {root}/test/ (or val/)"
-            )
-        split_roots = [d for s, d in split_dirs.items() if d is not None and s != "val"]
-    class_dirs = _class_dirs(data_dir)
-    if not class_dirs:
-        files = list(_image_files(data_dir, recursive=False))
-        listing = FolderListing(labels=None, classes=None, empty_classes=[], loose_images_dir=None)
-    else:
-        # Class indices come from every split, so that train and test labels agree.
-        classes = sorted(
-            {
-                d.name
-                for split_root in split_roots
-                for d in _class_dirs(split_root)
-                if next(_image_files(d, recursive=True), None) is not None
-            }
-        )
-        index = {name: i for i, name in enumerate(classes)}
-        files, labels, empty = [], [], []
-        for class_dir in class_dirs:
-            class_files = list(_image_files(class_dir, recursive=True))
-            if not class_files:
-                empty.append(class_dir)
-                continue
-            files += class_files
-            labels += [index[class_dir.name]] * len(class_files)
-        has_loose = next(_image_files(data_dir, recursive=False), None) is not None
-        listing = FolderListing(
-            labels=labels,
-            classes=classes,
-            empty_classes=empty,
-            loose_images_dir=data_dir if has_loose else None,
-        )
-    if not files:
-        raise DataError(
-            f"no images found under {data_dir}; expected files with extensions "
-            f"{', '.join(IMAGE_EXTENSIONS)} in it, or in class sub-folders <class>/"
-        )
-    return files, listing
-
-
-def _to_gray_or_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to "L" (grayscale-ish modes) or "RGB" (everything else)."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # 16-bit values (0..65535) scale down to 8 bits; convert("L") would clip them.
-        values = np.asarray(image).astype(np.float64)
-        return Image.fromarray(np.rint(np.clip(values, 0, 65535) / 257).astype(np.uint8))
-    if image.mode in _GRAY_MODES:
-        return image.convert("L")
-    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
-        return image.convert("RGBA").convert("RGB")
-    return image.convert("RGB")
-
-
-def _decode(path: Path, size: int) -> np.ndarray:
-    """Decode, shorter side to `size`, center crop: (size, size) or (size, size, 3) uint8."""
-    with Image.open(path) as image:
-        image.draft(None, (size, size))  # JPEG only: decode at a reduced scale when it can
-        image.load()
-        image = _to_gray_or_rgb(image)
-    width, height = image.size
-    if (width, height) != (size, size):
-        side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
-        image = image.resize(
-            (size, size),
-            Image.Resampling.BILINEAR,
-            box=(left, top, left + side, top + side),
-            reducing_gap=3.0,
-        )
-    return np.array(image)  # a writable copy, which torch.from_numpy needs
-
-
-def try_decode(path: Path, size: int) -> np.ndarray | Exception:
+def _try_centre_crop(path: Path, size: int) -> torch.Tensor | Exception:
     try:
-        return _decode(path, size)
+        return centre_crop(path, size, None)
     except Exception as exc:  # PIL's decoders raise many kinds of error on corrupt files
         return exc
 
 
-def _load_folder(root: Path, split: str, size: int, strict: bool, name: str) -> ImageSet:
-    files, listing = list_folder(root, split)
+def _load_folder(root: Path, split: str, size: int, strict: bool, name: str, subset: int | None) -> ImageSet:
+    listing = list_folder(root, split)
+    if subset is not None:
+        listing, name = evenly_spaced(listing, subset), f"{name}[{subset} of {len(listing.files)}]"
     if listing.empty_classes:
         warnings.warn(
-            f"skipped {len(listing.empty_classes)} class folder(s) with no images: "
-            f"{', '.join(map(str, listing.empty_classes))}",
+            f"skipped {len(listing.empty_classes)} class folder(s) with no images: {', '.join(listing.empty_classes)}",
             stacklevel=3,
         )
     if listing.loose_images_dir is not None:
@@ -648,6 +545,7 @@ def _load_folder(root: Path, split: str, size: int, strict: bool, name: str) -> 
             "folders; move them into a class folder to use them",
             stacklevel=3,
         )
+    files = listing.paths()
     images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     good = torch.ones(len(files), dtype=torch.bool)
     bad: list[tuple[Path, Exception]] = []
@@ -655,20 +553,16 @@ def _load_folder(root: Path, split: str, size: int, strict: bool, name: str) -> 
     with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
         for start in range(0, len(files), _DECODE_CHUNK):
             chunk = files[start : start + _DECODE_CHUNK]
-            for offset, result in enumerate(pool.map(try_decode, chunk, [size] * len(chunk))):
+            for offset, result in enumerate(pool.map(_try_centre_crop, chunk, [size] * len(chunk))):
                 i = start + offset
                 if isinstance(result, Exception):
                     if strict:
-                        raise DataError(
-                            f"cannot decode image {files[i]}: {result}; fix or delete it"
-                        ) from result
+                        raise DataError(f"cannot decode image {files[i]}: {result}; fix or delete it") from result
                     bad.append((files[i], result))
                     good[i] = False
-                elif result.ndim == 2:
-                    images[i] = torch.from_numpy(result)  # broadcast over the 3 channels
                 else:
-                    images[i] = torch.from_numpy(result).permute(2, 0, 1)
-                    any_color = True
+                    images[i] = result  # a gray (1, S, S) image is broadcast over the 3 channels
+                    any_color = any_color or result.shape[0] == 3
     labels = torch.tensor(listing.labels, dtype=torch.int64) if listing.labels is not None else None
     if bad:
         examples = ", ".join(f"{path} ({error})" for path, error in bad[:3])
@@ -678,12 +572,10 @@ def _load_folder(root: Path, split: str, size: int, strict: bool, name: str) -> 
             stacklevel=3,
         )
         if not good.any():
-            raise DataError(
-                f"none of the {len(files)} image files under {root} could be decoded, e.g. {examples}"
-            )
+            raise DataError(f"none of the {len(files)} image files under {root} could be decoded, e.g. {examples}")
         images = images[good]
         labels = labels[good] if labels is not None else None
     if not any_color:
         images = images[:, :1].contiguous()
-    kept = [path.relative_to(root).as_posix() for path, ok in zip(files, good.tolist()) if ok]
+    kept = [f for f, ok in zip(listing.files, good.tolist()) if ok]
     return ImageSet(images=images, labels=labels, classes=listing.classes, name=name, files=kept)

@@ -10,33 +10,38 @@ from torch import nn
 from ..checkpoints import LoadedEncoder
 from ..data.augment import EvalTransform
 from ..data.sources import ImageSet
+from .features import Images
 from .knn import knn_eval, pixel_features, reinitialised, vote_accuracy
 from .linear import LinearConfig, LinearResult, linear_probe
 
 RAW_PIXELS, RANDOM_ENCODER = "raw pixels", "random encoder"
 
 
-def knn_rows(name: str, backbone: nn.Module, train: ImageSet, test: ImageSet, transform: EvalTransform,
+def knn_rows(name: str, backbone: nn.Module, train: Images, test: Images, transform: EvalTransform,
              device: torch.device, k: int, t: float, vote: str = "weighted", baselines: bool = True,
              channels_last: bool = False) -> dict[str, dict[str, float]]:
     """{name: accuracy} of kNN on `backbone`'s features (train: the memory bank, test: the queries), and with
     `baselines` the rows of `knn_baselines`."""
-    rows = {name: knn_eval(backbone.to(device), (train.images, train.labels), (test.images, test.labels), transform,
-                           device, k, t, channels_last, vote)}
+    rows = {name: knn_eval(backbone.to(device), (train, train.labels), (test, test.labels), transform, device, k, t,
+                           channels_last, vote)}
     if baselines:
         rows |= knn_baselines(backbone, train, test, transform, device, k, t, vote, channels_last)
     return rows
 
 
-def knn_baselines(backbone: nn.Module, train: ImageSet, test: ImageSet, transform: EvalTransform,
+def knn_baselines(backbone: nn.Module, train: Images, test: Images, transform: EvalTransform,
                   device: torch.device, k: int, t: float, vote: str = "weighted",
                   channels_last: bool = False) -> dict[str, dict[str, float]]:
-    """The same kNN on raw pixels (flattened, in [0, 1]) and on a re-initialised copy of `backbone`."""
+    """The same kNN on raw pixels (flattened, in [0, 1]; for images in memory) and on a re-initialised copy of
+    `backbone`."""
     random = reinitialised(backbone).to(device)
-    return {RAW_PIXELS: vote_accuracy(pixel_features(train.images), train.labels, pixel_features(test.images),
-                                      test.labels, k, t, vote),
-            RANDOM_ENCODER: knn_eval(random, (train.images, train.labels), (test.images, test.labels), transform,
-                                     device, k, t, channels_last, vote)}
+    rows = {}
+    if isinstance(train, ImageSet) and isinstance(test, ImageSet):  # a streamed set's pixels would not fit memory
+        rows[RAW_PIXELS] = vote_accuracy(pixel_features(train.images), train.labels, pixel_features(test.images),
+                                         test.labels, k, t, vote)
+    rows[RANDOM_ENCODER] = knn_eval(random, (train, train.labels), (test, test.labels), transform, device, k, t,
+                                    channels_last, vote)
+    return rows
 
 
 def knn_lines(rows: dict[str, dict[str, float]], width: int = 24) -> list[str]:

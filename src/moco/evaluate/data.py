@@ -13,7 +13,11 @@ import torch
 from ..checkpoints import LoadedEncoder
 from ..config import opt
 from ..data.augment import EvalTransform
-from ..data.sources import ImageSet, load_images
+from ..data.decode import EVAL_RATIO
+from ..data.folders import list_folder
+from ..data.sources import FOLDER_IMAGE_SIZE, ImageSet, has_split, load_images
+from ..data.streaming import EvalFolder, image_statistics
+from ..data.training import fits_memory
 from ..errors import ConfigError, DataError
 
 
@@ -44,6 +48,22 @@ def fit_channels(data: ImageSet, encoder: LoadedEncoder, gray_to_rgb: bool = Fal
                     "trained on")
 
 
+def eval_images(encoder: LoadedEncoder, dataset: str, split: str, root: str | None, size: int | None,
+                gray_to_rgb: bool = False) -> ImageSet | EvalFolder:
+    """A split as evaluation reads it: decoded into memory when it fits (a quarter of RAM), else a folder
+    streamed from disk (centre crops of the resized originals, as the paper evaluates)."""
+    if dataset == "folder" and root is not None:
+        listing = list_folder(root, split)
+        side = size or FOLDER_IMAGE_SIZE
+        if not fits_memory(len(listing.files), side)[0]:
+            channels = image_statistics(listing)[0]
+            if channels != encoder.channels and not (gray_to_rgb and channels == 1):
+                raise DataError(f"{root}/{split} has {channels}-channel images but the encoder takes "
+                                f"{encoder.channels}; evaluate on data of the kind it was trained on")
+            return EvalFolder(listing, side, encoder.channels, EVAL_RATIO, 2, f"folder:{listing.root}/{split}")
+    return fit_channels(load_images(dataset, split, root, size), encoder, gray_to_rgb)
+
+
 def eval_size(encoder: LoadedEncoder, requested: int | None, default: int | None,
               echo: Callable[[str], None]) -> int | None:
     """The size the encoder is evaluated at: `requested`, else its training size, else `default` (the
@@ -59,7 +79,7 @@ def eval_size(encoder: LoadedEncoder, requested: int | None, default: int | None
 
 
 def labelled_splits(encoder: LoadedEncoder, cfg: EvalConfig, checkpoint: str,
-                    echo: Callable[[str], None] = print) -> tuple[ImageSet, ImageSet]:
+                    echo: Callable[[str], None] = print) -> tuple[ImageSet | EvalFolder, ImageSet | EvalFolder]:
     """The labelled train and test splits an evaluation of `encoder` uses: the flags of `cfg`, else the
     checkpoint's own data, at the evaluation size, with the encoder's channels."""
     trained = encoder.config
@@ -71,14 +91,16 @@ def labelled_splits(encoder: LoadedEncoder, cfg: EvalConfig, checkpoint: str,
                           "and --data-root of a labelled data set or folder")
     same = trained is not None and dataset == trained.data.dataset
     root = cfg.data_root or (trained.data.data_root if same else None)
+    if not has_split(dataset, "test", root):  # before anything is decoded
+        raise DataError(f"{dataset} at {root} has no test split here; evaluation needs a labelled train and test "
+                        "split (folders: train/ and test/ or val/)")
     size = eval_size(encoder, cfg.image_size, trained.data.image_size if same else None, echo)
-    train, test = (fit_channels(load_images(dataset, split, root, size), encoder, cfg.gray_to_rgb)
-                   for split in ("train", "test"))
+    train, test = (eval_images(encoder, dataset, split, root, size, cfg.gray_to_rgb) for split in ("train", "test"))
     if train.labels is None or test.labels is None:
         raise DataError(f"{dataset} at {root} has no labels; evaluation needs a labelled train and test split")
     return train, test
 
 
-def eval_transform(encoder: LoadedEncoder, data: ImageSet, device: torch.device) -> EvalTransform:
+def eval_transform(encoder: LoadedEncoder, data: ImageSet | EvalFolder, device: torch.device) -> EvalTransform:
     """The deterministic view of `data`'s images that the encoder's features are computed on."""
     return EvalTransform(data.image_size, encoder.mean, encoder.std).to(device)

@@ -19,11 +19,11 @@ from safetensors.numpy import save_file
 
 from ..checkpoints import LoadedEncoder, load_encoder
 from ..config import opt
-from ..data.sources import ImageSet, load_images
+from ..data.sources import ImageSet
 from ..errors import ConfigError
 from ..files import atomic_write
 from ..runtime import resolve_device
-from .data import EvalConfig, eval_size, eval_transform, fit_channels
+from .data import EvalConfig, eval_images, eval_size, eval_transform
 from .features import extract_features
 
 FORMATS = (".npy", ".safetensors")
@@ -56,10 +56,10 @@ def embed(checkpoint: str | Path, out: str | Path, source: EvalConfig, cfg: Embe
     encoder = load_encoder(checkpoint, source.arch)
     # Loading at the trained size reproduces the training pipeline (load_images resizes the same way).
     size = eval_size(encoder, source.image_size, None, echo)
-    data = fit_channels(load_images(source.dataset, cfg.split, source.data_root, size), encoder, source.gray_to_rgb)
+    data = eval_images(encoder, source.dataset, cfg.split, source.data_root, size, source.gray_to_rgb)
     run_on = resolve_device(source.device)
     transform = eval_transform(encoder, data, run_on)
-    features = extract_features(encoder.backbone.to(run_on), data.images, transform, run_on, cfg.batch_size,
+    features = extract_features(encoder.backbone.to(run_on), data, transform, run_on, cfg.batch_size,
                                 normalize=cfg.normalize).cpu()
     files = data.files if data.files is not None else [f"{data.name}/{i}" for i in range(len(data))]
     features_np = features.numpy()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import opt
-from .features import extract_features
+from .features import Images, extract_features
 
 VOTES = ("weighted", "majority")
 
@@ -90,8 +90,8 @@ def plain_knn_accuracy(train_x: torch.Tensor, train_labels: torch.Tensor, test_x
 
 def knn_eval(
     backbone: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[torch.Tensor | Images, torch.Tensor],
+    test: tuple[torch.Tensor | Images, torch.Tensor],
     transform: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device | str = "cpu",
     k: int = 200,

@@ -30,11 +30,11 @@ from ..checkpoints import LoadedEncoder
 from ..config import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, every, one_of, opt
 from ..data.augment import build_augment
 from ..data.sources import ImageSet
-from ..errors import DataError, MocoError
+from ..errors import ConfigError, DataError, MocoError
 from ..train.schedule import lr_at, scaled_lr
 from ..train.steps import sgd_steps
 from .data import eval_transform, fit_channels
-from .features import extract_features
+from .features import Images, extract_features
 
 SCHEDULES = ("step", "cosine")
 AUGMENTS = ("none", "crop")
@@ -145,7 +145,7 @@ def accuracy(fc: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> tup
     return 100.0 * hits1 / len(labels), (100.0 * hits5 / len(labels) if fc.out_features > 5 else None)
 
 
-def _check_data(encoder: LoadedEncoder, train: ImageSet, test: ImageSet) -> int:
+def _check_data(encoder: LoadedEncoder, train: ImageSet | Images, test: ImageSet | Images) -> int:
     """The number of classes; DataError for data the protocol cannot use."""
     for split in (train, test):
         if len(split) == 0:
@@ -161,8 +161,8 @@ def _check_data(encoder: LoadedEncoder, train: ImageSet, test: ImageSet) -> int:
 
 def linear_probe(
     encoder: LoadedEncoder,
-    train: ImageSet,
-    test: ImageSet,
+    train: ImageSet | Images,
+    test: ImageSet | Images,
     cfg: LinearConfig,
     device: torch.device | str = "cpu",
     echo: Callable[[str], None] = print,
@@ -174,6 +174,9 @@ def linear_probe(
     return. Raises BackboneChanged if any backbone tensor changed during training (see `check_frozen`).
     """
     check_config(cfg)
+    if cfg.augment == "crop" and not isinstance(train, ImageSet):
+        raise ConfigError(f"--augment crop needs the training images in memory, and {train.name} is streamed; use "
+                          "--augment none (features of each image computed once)")
     num_classes = _check_data(encoder, train, test)
     device = torch.device(device)
     transform = eval_transform(encoder, train, device)
@@ -184,11 +187,11 @@ def linear_probe(
     history: list[dict] = []
     with frozen(backbone):
         before = snapshot(backbone)
-        test_x = extract_features(backbone, test.images, transform, device, normalize=False,
+        test_x = extract_features(backbone, test, transform, device, normalize=False,
                                   desc=f"features {test.name}" if progress else None)  # (Nt, D)
         test_y = test.labels.to(device)  # (Nt,)
         if cfg.augment == "none":
-            train_x = extract_features(backbone, train.images, transform, device, normalize=False,
+            train_x = extract_features(backbone, train, transform, device, normalize=False,
                                        desc=f"features {train.name}" if progress else None)  # (N, D)
             train_y = train.labels.to(device)  # (N,)
         else:

@@ -18,12 +18,13 @@ class KnnMonitor(Hook):
     metrics. Main process only."""
 
     def __init__(self, data: TrainingData, run: RunConfig, epochs: int, device: torch.device) -> None:
-        self.data, self.run, self.epochs, self.device = data, run, epochs, device
+        self.run, self.epochs, self.device = run, epochs, device
+        self.bank, self.test = data.bank(run.knn_bank), data.test  # as evaluation sees them
         self.transform = EvalTransform(data.size, data.mean, data.std).to(device)
 
     def __call__(self, backbone: nn.Module) -> dict[str, float]:
-        train, test, r = self.data.train, self.data.test, self.run
-        return knn_eval(backbone, (train.images, train.labels), (test.images, test.labels), self.transform,
+        r = self.run
+        return knn_eval(backbone, (self.bank, self.bank.labels), (self.test, self.test.labels), self.transform,
                         self.device, r.knn_k, r.knn_t, r.channels_last)
 
     def on_epoch_end(self, trainer: Trainer, values: dict[str, Any]) -> None:

@@ -62,8 +62,8 @@ def build_trainer(cfg: PretrainConfig, backbone: nn.Module | None = None,
     monitor = f"on {data.test.name}" if data.test is not None else "off (no labelled test split)"
     per_process = f", {world} processes, {cfg.data.batch_size // world} images each a step" if world > 1 else ""
     amp = autocast_dtype(r.precision, device)
-    trainer.echo(f"data: {train.name}, {len(train)} images {train.channels}x{train.image_size}x{train.image_size}, "
-                 f"crop {data.size}px; kNN monitor: {monitor}; device: {device}{per_process}")
+    trainer.echo(f"data: {train.name}, {len(train)} images, {train.channels} channel(s), crops of {data.size} px, "
+                 f"{data.how}; kNN monitor: {monitor}; device: {device}{per_process}")
     trainer.echo(f"method: {cfg.model.method}; precision: "
                  f"{'fp32' if amp is None else str(amp).removeprefix('torch.') + ' autocast'}; "
                  f"channels_last: {r.channels_last}; compile: {r.compile}")

@@ -14,7 +14,8 @@ from tqdm import tqdm
 from ..checkpoints import SUPERVISED, save_checkpoint
 from ..config import PretrainConfig, to_yaml, validate
 from ..data.augment import build_augment
-from ..data.training import check_data_config, epoch_order, load_training_data
+from ..data.order import epoch_order
+from ..data.training import check_data_config, load_training_data
 from ..errors import ConfigError
 from ..files import write_text
 from ..model.backbones import BACKBONES, build_backbone
@@ -51,6 +52,9 @@ def supervised(cfg: PretrainConfig, echo: Callable[[str], None] = print) -> Path
     train = data.train
     if train.labels is None:
         raise ConfigError(f"{train.name} has no labels: supervised pre-training needs a labelled data set")
+    if train.precropped:
+        raise ConfigError(f"supervised pre-training reads its images in memory, and {train.name} is {data.how}; "
+                          "use a --train-subset that fits, or raise --memory-budget")
     backbone = build_backbone(m.arch, train.channels, m.width, m.small_stem)
     model = nn.Sequential(backbone, nn.Linear(backbone.out_dim, int(train.labels.max()) + 1)).to(device)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format

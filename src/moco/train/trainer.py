@@ -18,8 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import distributed as dist
 from ..config import PretrainConfig, from_dict
 from ..data.augment import build_augment
-from ..data.shards import ShardStream
-from ..data.training import TrainingData, epoch_order
+from ..data.training import TrainingData
 from ..errors import CheckpointError, Interrupted, NonFiniteLoss, OutOfMemory
 from ..model import Method
 from ..runtime import autocast_dtype, rng_state, seed_everything, set_rng_state, synchronize
@@ -78,8 +77,9 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
         self.method = method.to(device, memory_format=self.memory_format)
+        self.precropped = data.train.precropped  # streamed data: two views cut while decoding, (B, 2, C, S, S)
         self.augment = build_augment(d.augment, data.size, data.mean, data.std, d.crop_min_scale,
-                                     d.jitter_strength).to(device)
+                                     d.jitter_strength, crop=not self.precropped).to(device)
         self.optimizer = build_optimizer(method.trainable_parameters(), cfg.optim, d.batch_size)
         if m.sync_bn and self.world > 1:  # the query's BN over the global batch; momentum encoders keep their groups
             method.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(method.encoder_q)
@@ -100,6 +100,7 @@ class Trainer:
         self.loss_sum = torch.zeros((), device=device)  # of the epoch's steps so far
         self.acc_sum = torch.zeros((), device=device)
         self.seen = 0  # the epoch's steps that were not skipped
+        self.batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # from the position on
 
     # -- position and checkpoints ------------------------------------------------------------------
 
@@ -174,7 +175,8 @@ class Trainer:
         """Train the rest of epoch `self.epoch`; its metrics, or None when stopped before its end."""
         self.method.train()
         first = self.step_in_epoch  # > 0 when resuming mid-epoch
-        batches = self.epoch_batches(first)
+        if self.batches is None:  # this process's share of every step from here on (data.order: resumable)
+            self.batches = self.data.train.batches(self.epoch, first, self.cfg.data.batch_size, self.cfg.run.seed)
         self.loss_sum = torch.zeros((), device=self.device)
         self.acc_sum = torch.zeros((), device=self.device)
         self.seen, tic = 0, time.perf_counter()
@@ -184,7 +186,7 @@ class Trainer:
             self.method.before_step(self.step / self.total_steps)
             set_lr(self.optimizer, self.lr)
             step_tic = time.perf_counter()
-            out = self.train_step(*next(batches))
+            out = self.train_step(*next(self.batches))
             self.step += 1
             if self.cfg.run.compile and self.compile_seconds is None:
                 synchronize(self.device)
@@ -225,27 +227,6 @@ class Trainer:
         """The learning rate of the current step."""
         return pretrain_lr(self.step, self.steps_per_epoch, self.cfg.optim, self.cfg.data.batch_size)
 
-    def epoch_batches(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(uint8 images, their indices) of this process for the steps `first`.. of the current epoch.
-
-        In memory, the order depends only on (seed, epoch), so a resumed run sees the same batches;
-        process r takes block r of each global batch, as split BN's group r would. Streamed shards are
-        reshuffled each epoch; a run resumed mid-epoch skips the batches already seen.
-        """
-        d, seed = self.cfg.data, self.cfg.run.seed
-        train = self.data.train
-        if isinstance(train, ShardStream):
-            stream = train.batches(self.epoch, d.batch_size // self.world, seed)
-            for i in range(self.steps_per_epoch):
-                images = next(stream)
-                if i >= first:
-                    yield images, None
-            return
-        order = epoch_order(len(train), seed, self.epoch)
-        for i in range(first, self.steps_per_epoch):
-            idx = order[i * d.batch_size : (i + 1) * d.batch_size].chunk(self.world)[self.rank]
-            yield train.images[idx], idx
-
     # -- one step ------------------------------------------------------------------------------------------
 
     def train_step(self, images: torch.Tensor, idx: torch.Tensor | None) -> StepOutput | None:
@@ -259,9 +240,10 @@ class Trainer:
         raise OutOfMemory(self.cfg.data.batch_size, str(self.device), self.largest_batch())
 
     def _train_step(self, images: torch.Tensor, idx: torch.Tensor | None) -> StepOutput | None:
-        images = images.to(self.device, non_blocking=True)  # (B, C, H, W) uint8
-        x_q = self.augment(images).contiguous(memory_format=self.memory_format)  # (B, C, S, S)
-        x_k = (self.augment(images).contiguous(memory_format=self.memory_format)
+        images = images.to(self.device, non_blocking=True)  # (B, C, H, W) uint8, or (B, 2, C, S, S) when precropped
+        q, k = (images[:, 0], images[:, 1]) if self.precropped else (images, images)  # each view from its own
+        x_q = self.augment(q).contiguous(memory_format=self.memory_format)  # (B, C, S, S)
+        x_k = (self.augment(k).contiguous(memory_format=self.memory_format)
                if self.method.needs_key_view else None)  # (B, C, S, S)
         with torch.autocast(self.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             logits, labels = self.forward(x_q, x_k, None if idx is None else idx.to(self.device))  # (B', C), (B',)
@@ -296,9 +278,9 @@ class Trainer:
         try:
             while batch >= splits:
                 batch -= batch % splits
+                shape = (2,) * self.precropped + (train.channels, train.image_size, train.image_size)
                 try:
-                    self._train_step(torch.zeros(batch // self.world, train.channels, train.image_size,
-                                                 train.image_size, dtype=torch.uint8), torch.arange(batch))
+                    self._train_step(torch.zeros(batch // self.world, *shape, dtype=torch.uint8), torch.arange(batch))
                     return batch
                 except RuntimeError as e:
                     if not is_out_of_memory(e):
