@@ -10,6 +10,8 @@ from moco.errors import ConfigError, MocoError
 
 from .ablate import STUDIES, ablate
 from .bench import BenchSettings, bench
+from .data_path import DataPathSettings
+from .data_path import run as run_data_path
 from .transfer_study import transfer_study
 
 
@@ -26,6 +28,10 @@ def field_values(pairs: list[str]) -> dict[str, str]:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     bench(replace(build(args, BenchSettings), overrides=field_values(args.set)), args.out)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    run_data_path(build(args, DataPathSettings), args.out)
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -68,6 +74,15 @@ def build_parser() -> Parser:
                    help="change a field of the preset's config, e.g. --set width=32 (repeatable)")
     p.add_argument("--out", default="docs/benchmarks", help="results folder; the Markdown page is OUT.md")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="the full-resolution data path on an ImageNet-like folder, against torchvision",
+                       description="Images/s per core of a streamed folder (decode + two crops of 224 px of the "
+                       "originals in workers) against torchvision's ImageFolder with the official v2 two-crop "
+                       "transform, JPEG decode alone, peak RSS at two folder sizes, and the CPU cores a GPU needs. "
+                       "Makes its photo folders once (a few minutes).")
+    add_fields(p, DataPathSettings)
+    p.add_argument("--out", default="docs/benchmarks", help="results folder; the Markdown page is OUT.md")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("ablate", help="the paper's ablations in miniature on Fashion-MNIST",
                        description="Short runs of the CPU preset with one fixed budget each: momentum m, the three "

@@ -630,6 +630,9 @@ def write_table(out: Path) -> Path:
                              if i < len(curve) else "")
             lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
         lines += ["", f"![time to accuracy]({out.name}/{e['plot']})"]
+    from .data_path import table as data_table
+
+    lines += data_table([e for e in entries if e["mode"] == "data"], machine_name)
     path = table_path(out)
     write_text(path, "\n".join(lines) + "\n")
     return path

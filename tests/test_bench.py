@@ -223,3 +223,18 @@ def test_set_changes_the_recipe_and_a_bad_field_is_named(tmp_path, capsys):
     assert "widht" in capsys.readouterr().err
     assert main(["bench", "--preset", "smoke", "--set", "width", "--out", str(tmp_path)]) == 2
     assert "FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_the_data_path_benchmark_writes_every_figure(tmp_path):
+    """`python -m benchmarks data` at a tiny size: both loaders, decode alone, peak RSS at two sizes, cores per GPU."""
+    out = tmp_path / "benchmarks"
+    assert main(["data", "--files", "24", "--large", "48", "--images", "16", "--batch-size", "8", "--workers", "1",
+                 "--size", "64", "--folders", str(tmp_path / "photos"), "--out", str(out)]) == 0
+    (path,) = out.glob("data-*.json")
+    (entry,) = json.loads(path.read_text())["entries"]
+    r = entry["result"]
+    assert r["ours_img_s"] > 0 and r["official_img_s"] > 0 and r["decode_img_s_per_core"] > 0
+    assert set(r["peak_rss"]) == {"24", "48"} and all(v["process_mib"] > 0 for v in r["peak_rss"].values())
+    assert r["cores_per_gpu"]["ours"] == pytest.approx(1850 / r["per_core"]["ours"], rel=0.01)
+    table = B.table_path(out).read_text()
+    assert "## Data path" in table and f"| {r['ours_img_s']:.0f} (" in table
