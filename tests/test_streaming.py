@@ -218,21 +218,28 @@ def test_a_folder_over_its_memory_budget_streams_and_says_why(photos, tmp_path, 
 CHILD = "import sys; from moco.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def test_a_killed_streamed_run_resumes_exactly(photos, tmp_path):
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_a_killed_streamed_run_resumes_exactly(photos, tmp_path, source):
+    if source == "shards":
+        from moco.data.shards import write_shards
+
+        index = write_shards(photos, tmp_path / "shards", echo=lambda s: None)
+        args = lambda out, *extra: [*run_args(index, out, *extra), "--dataset", "shards"]  # noqa: E731
+    else:
+        args = lambda out, *extra: run_args(photos, out, "--loader", "stream", *extra)  # noqa: E731
     straight = tmp_path / "straight"
-    assert main(run_args(photos, straight, "--loader", "stream")) == 0
+    assert main(args(straight)) == 0
     expected = load_checkpoint(straight / "checkpoint.pt")
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-c", CHILD, *run_args(photos, out, "--loader", "stream")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, "-c", CHILD, *args(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (out / "metrics.jsonl").is_file() or '"epoch"' not in (out / "metrics.jsonl").read_text():
+    while not (out / "checkpoint.pt").is_file():  # the first epoch's
         assert time.time() < deadline and p.poll() is None
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)  # after the first epoch's checkpoint, inside the second epoch
     p.wait()
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
-    assert main(run_args(photos, out, "--loader", "stream", "--resume", "auto")) == 0
+    assert main(args(out, "--resume", "auto")) == 0
     resumed = load_checkpoint(out / "checkpoint.pt")
     assert resumed["step"] == expected["step"] == 3 * 7
     for name, value in expected["model"].items():

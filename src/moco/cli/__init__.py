@@ -7,9 +7,12 @@ package), printed as one line `moco: error: ...`; 130 / 143 a run stopped by Ctr
 saved when training); 1 an internal error (a bug: please report it, with its traceback).
 """
 
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 GROUPS = ("pretrain", "evaluate", "transfer", "data")  # the modules of moco.cli, in the order of `moco --help`
 
@@ -29,13 +32,31 @@ def build_parser(argv: Sequence[str] = ()):
     return parser
 
 
+@contextmanager
+def _noting_interrupts(noted: list[int]) -> Iterator[None]:
+    """While starting (importing torch and the rest), Ctrl-C is noted instead of raised: an interrupt raised inside
+    a library's import can be swallowed by it, or leave the interpreter to die of the signal at exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     warnings.formatwarning = lambda message, category, *a, **k: f"moco: warning: {message}\n"
+    noted: list[int] = []
     try:
-        from ..errors import Interrupted, MocoError
+        with _noting_interrupts(noted):
+            from ..errors import Interrupted, MocoError
 
-        args = build_parser(argv).parse_args(argv)
+            args = build_parser(argv).parse_args(argv)
+        if noted:
+            raise KeyboardInterrupt
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("moco: interrupted", file=sys.stderr)

@@ -546,7 +546,11 @@ def _load_folder(root: Path, split: str, size: int, strict: bool, name: str, sub
             stacklevel=3,
         )
     files = listing.paths()
-    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    try:
+        images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    except RuntimeError:  # the allocator's "can't allocate memory"
+        raise DataError(f"not enough memory to decode the {len(files)} images of {root} at {size} px; stream them "
+                        "(--loader stream) or use fewer (--train-subset)") from None
     good = torch.ones(len(files), dtype=torch.bool)
     bad: list[tuple[Path, Exception]] = []
     any_color = False

@@ -61,10 +61,12 @@ class TrainingData:
 
 
 def memory_budget(gib: float | None = None) -> float:
-    """Bytes decoded images may take in memory: `gib`, else a quarter of the machine's RAM."""
+    """Bytes decoded images may take in memory, in each process: `gib`, else a quarter of the machine's RAM shared
+    by the processes torchrun started on it (each would hold its own copy)."""
     if gib is not None:
         return gib * GIB
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / local_processes
 
 
 def fits_memory(count: int, size: int, gib: float | None = None) -> tuple[bool, str]:
