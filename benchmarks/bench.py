@@ -125,10 +125,12 @@ class BenchSettings:
 
 
 def bench_config(s: BenchSettings, out_dir: str, epochs: int) -> C.PretrainConfig:
-    """The preset's pretraining config, quiet (no monitor, bar or TensorBoard), for `epochs` epochs."""
+    """The preset's pretraining config, quiet (no monitor, bar or TensorBoard), for `epochs` epochs; its warm-up
+    keeps its share of the schedule."""
+    planned = C.apply_overrides(C.preset(s.preset), s.overrides).optim
     overrides: dict[str, Any] = {**s.overrides, "device": s.device, "threads": s.threads, "seed": s.seed,
                                  "out_dir": out_dir, "epochs": epochs, "knn_every": -1, "tensorboard": False,
-                                 "progress": False}
+                                 "progress": False, "warmup_epochs": planned.warmup_epochs / planned.epochs * epochs}
     if s.batch_size is not None:
         overrides["batch_size"] = s.batch_size
     if s.train_subset is not None:

@@ -195,7 +195,8 @@ def reference_model(cfg: PretrainConfig, channels: int, size: int) -> ReferenceM
     if m.queue_size % cfg.data.batch_size:
         raise ConfigError(f"the reference dequeues by slicing: queue_size K={m.queue_size} must be a multiple "
                           f"of batch_size={cfg.data.batch_size}")
-    encoder = convert_split_bn(build_encoder(m, channels, size), m.bn_splits, FoldedSplitBatchNorm2d)
+    encoder = convert_split_bn(build_encoder(m, channels, size), m.bn_splits,
+                               {nn.BatchNorm2d: FoldedSplitBatchNorm2d})
     return ReferenceMoCo(encoder, m.dim, m.queue_size, m.key_momentum, m.temperature, m.shuffle_bn)
 
 

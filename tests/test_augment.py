@@ -405,6 +405,7 @@ def settings_of(augment: BatchAugment) -> tuple:
     [
         ("v1", ((0.2, 1.0), 0.5, (0.4, 0.4, 0.4, 0.4), 1.0, 0.2, 0.0)),
         ("v2", ((0.2, 1.0), 0.5, (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5)),
+        ("v3", ((0.2, 1.0), 0.5, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0)),  # the first view's; the second: blur 0.1
         ("crop", ((0.2, 1.0), 0.5, (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0)),
         ("none", (None, 0.0, (0.4, 0.4, 0.4, 0.1), 0.0, 0.0, 0.0)),
     ],
@@ -430,8 +431,8 @@ def _flatten(ops: list) -> list:
 
 
 def test_unknown_preset_names_the_allowed_ones() -> None:
-    with pytest.raises(ConfigError, match="v1, v2, crop, none"):
-        build_augment("v3", 32, [0.5], [0.2])
+    with pytest.raises(ConfigError, match="v1, v2, v3, crop, none"):
+        build_augment("v4", 32, [0.5], [0.2])
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from .runtime import PRECISIONS
 
 DEFAULT_PRESET = "cpu"  # the README's main job
 SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "lars", "adamw")
 NONFINITE = ("stop", "skip")
 LOADERS = ("auto", "memory", "stream")
 DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts
@@ -36,21 +37,25 @@ def opt(default: Any, help: str) -> Any:
 class ModelConfig:
     """The encoder and the contrastive task."""
 
-    method: str = opt("moco", "moco (queue + momentum encoder) | end_to_end | memory_bank (paper Fig. 2), or a "
-                              "method registered with moco.register (on the command line: --import its module)")
-    arch: str = opt("small_cnn", "small_cnn | resnet18 | resnet34 | resnet50")
+    method: str = opt("moco", "moco (v1/v2: queue + momentum encoder) | end_to_end | memory_bank (paper Fig. 2) | "
+                              "mocov3 (no queue, predictor, symmetric loss), or a method registered with "
+                              "moco.register (on the command line: --import its module)")
+    arch: str = opt("small_cnn", "small_cnn | resnet18 | resnet34 | resnet50 | vit_tiny | vit_small | vit_base")
     width: int = opt(16, "small_cnn only: channels of the first stage (then 2x, 4x, 8x)")
     small_stem: bool = opt(True, "resnets: 3x3 stride-1 stem, no max-pool (for 28-64 px images)")
-    head: str = opt("mlp", "linear (v1) | mlp (v2)")
+    patch_size: int | None = opt(None, "ViTs: patch side in pixels (none: 16 from 112 px images up, else 4)")
+    head: str = opt("mlp", "linear (v1) | mlp (v2) | v3 (MLP with BN: 2 layers, 3 on ViTs)")
     dim: int = opt(128, "embedding width")
-    hidden_dim: int | None = opt(None, "mlp head's hidden width; None: the backbone's width")
+    hidden_dim: int | None = opt(None, "hidden width of the mlp and v3 heads and of MoCo v3's predictor; none: the "
+                                       "backbone's width")
     queue_size: int = opt(4096, "K, negatives in the queue (memory_bank: sampled from the bank)")
-    key_momentum: float = opt(0.99, "m, momentum of the key encoder")
+    key_momentum: float = opt(0.99, "m, momentum of the key encoder (mocov3: m0, raised to 1 on a half cosine)")
     temperature: float = opt(0.2, "T, softmax temperature")
     symmetric: bool = opt(False, "both views as queries")
     shuffle_bn: bool = opt(True, "shuffle keys before the key encoder (with split BN on one process)")
     bn_splits: int = opt(8, "BN groups of the global batch: split BN on one process, divided among processes under torchrun (1 = plain BN)")
-    sync_bn: bool = opt(False, "torchrun on GPUs: synchronised BN in the query encoder (keys keep per-group BN)")
+    sync_bn: bool = opt(False, "torchrun on GPUs: synchronised BN in the query encoder (moco keeps the keys' per-group "
+                               "BN; mocov3 synchronises every BN)")
 
 
 @dataclass
@@ -60,7 +65,8 @@ class DataConfig:
     dataset: str = opt("fashion-mnist", "fashion-mnist | digits | cifar10 | cifar100 | folder | shards")
     data_root: str | None = opt(None, "folder of the data set (required for folder; shards: the shards.json)")
     image_size: int | None = opt(None, "crop size; None: the images' own size (64 for folders)")
-    augment: str = opt("v2", "v1 | v2 (aug+) | crop | none")
+    augment: str = opt("v2", "v1 | v2 (aug+) | v3 (asymmetric: blur p 1.0 / 0.1, solarize p 0 / 0.2 on the two "
+                             "views) | crop | none")
     crop_min_scale: float = opt(0.2, "smallest area of a random resized crop, as a fraction of the image")
     jitter_strength: float = opt(0.4, "v1/v2 colour jitter's brightness, contrast and saturation (0.4 in the papers)")
     batch_size: int = opt(256, "images per step (the global batch)")
@@ -76,13 +82,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD and its learning-rate schedule."""
+    """The optimizer and its learning-rate schedule."""
 
     epochs: int = opt(20, "passes over the training images")
+    optimizer: str = opt("sgd", "sgd | lars (ResNets in MoCo v3) | adamw (ViTs in MoCo v3)")
     lr: float = opt(0.06, "for a batch of lr_batch_size; scaled linearly with the batch size")
     lr_batch_size: int = opt(256, "images per step (the global batch)")
-    sgd_momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(5e-4, "SGD weight decay")
+    sgd_momentum: float = opt(0.9, "SGD and LARS momentum")
+    weight_decay: float = opt(5e-4, "weight decay (LARS: not of biases and norm parameters; AdamW: decoupled)")
     schedule: str = opt("cosine", "cosine | step | constant, applied per iteration")
     lr_steps: list[int] = opt([120, 160], "step: epochs where lr x0.1")
     warmup_epochs: float = opt(0.0, "linear warm-up from 0")
@@ -121,6 +128,18 @@ class PretrainConfig:
 
 SECTIONS = ("model", "data", "optim", "run")
 
+def _v3(arch: str, temperature: float, optimizer: str, lr: float, weight_decay: float, epochs: int,
+        warmup_epochs: int) -> dict[str, dict[str, Any]]:
+    """A MoCo v3 preset for ImageNet: what the release's ResNet-50 and ViT recipes share, and where they differ."""
+    return {
+        "model": dict(method="mocov3", arch=arch, small_stem=False, head="v3", dim=256, hidden_dim=4096,
+                      key_momentum=0.99, temperature=temperature, bn_splits=1),
+        "data": dict(augment="v3", image_size=224, crop_min_scale=0.08, batch_size=4096),
+        "optim": dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                      warmup_epochs=warmup_epochs, schedule="cosine"),
+    }
+
+
 # Presets are overrides of the defaults above.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Fast on a 2-core CPU: the README's main job. The defaults above, tuned on Fashion-MNIST (kNN top-1,
@@ -152,6 +171,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       temperature=0.1, bn_splits=8),
         "data": dict(dataset="cifar10", augment="v1", batch_size=512),
         "optim": dict(epochs=200, lr=0.06, lr_batch_size=512, weight_decay=5e-4, schedule="cosine"),
+    },
+    # MoCo v3 (ICCV 2021, the release's recipes): no queue, BN-MLP projector (dim 256, hidden 4096) and predictor,
+    # symmetric loss, momentum m0 -> 1 on a cosine, asymmetric BYOL augmentation with crops of 8-100%; a batch of
+    # 4096 (lr given for 256 and scaled to the batch used), 1 BN group on one process (the release syncs BN).
+    "v3-resnet50": _v3(arch="resnet50", temperature=1.0, optimizer="lars", lr=0.6, weight_decay=1e-6,
+                       epochs=100, warmup_epochs=10),
+    "v3-vit-small": _v3(arch="vit_small", temperature=0.2, optimizer="adamw", lr=1.5e-4, weight_decay=0.1,
+                        epochs=300, warmup_epochs=40),
+    "v3-vit-base": _v3(arch="vit_base", temperature=0.2, optimizer="adamw", lr=1.5e-4, weight_decay=0.1,
+                       epochs=300, warmup_epochs=40),
+    # MoCo v3 with a tiny ViT (4 blocks, 96 wide, 7x7 px patches) on Fashion-MNIST in minutes on a CPU: the v3
+    # recipe at a small scale (AdamW, lr for 256 raised for a short run, hidden 1024), with the cpu preset's
+    # augmentation strengths for the centred 28 px garments, in fp32 (bf16 autocast was slower for it on AMX).
+    "v3-cpu": {
+        "model": dict(method="mocov3", arch="vit_tiny", patch_size=7, head="v3", dim=256, hidden_dim=1024,
+                      key_momentum=0.99, temperature=0.2, bn_splits=1),
+        "data": dict(augment="v3", jitter_strength=0.8, crop_min_scale=0.6),
+        "optim": dict(optimizer="adamw", lr=1e-3, weight_decay=0.1, epochs=10, warmup_epochs=1),
+        "run": dict(precision="fp32"),
     },
     # Seconds, for tests and trying things out.
     "smoke": {
@@ -287,6 +325,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         if not ok:
             raise ConfigError(msg)
 
+    need(o.optimizer in OPTIMIZERS, f"optimizer={o.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    need(m.patch_size is None or m.patch_size >= 1, f"patch_size must be >= 1 or none, got {m.patch_size}")
     need(o.schedule in SCHEDULES, f"schedule={o.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
     need(0.0 <= m.key_momentum < 1.0, f"key_momentum (m) must be in [0, 1), got {m.key_momentum}")
     need(m.temperature > 0, f"temperature (T) must be > 0, got {m.temperature}")

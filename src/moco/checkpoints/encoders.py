@@ -4,10 +4,11 @@ Layouts:
     moco-pretrain   this project's pretraining checkpoints: the query encoder's backbone
     supervised      `moco supervised` checkpoints (the transfer baseline): Sequential(backbone, fc)
     moco-v1/v2      the official releases: state_dict `module.encoder_q.<torchvision resnet keys>`, `arch`
-    moco-v3         the official v3 ResNet releases: state_dict `module.base_encoder.<resnet keys>`
+    moco-v3         the official v3 releases: state_dict `module.base_encoder.<torchvision ResNet or timm ViT keys>`
     torchvision     a plain torchvision ResNet state_dict (e.g. `moco export --format torchvision`)
     safetensors     `moco export --format safetensors`: tensors, with the backbone's recipe in the metadata
-In every layout the projection head (`fc.*`) is dropped: evaluation and transfer use the backbone.
+In every layout the projection head (`fc.*` of ResNets, `head.*` of ViTs) is dropped: evaluation and transfer use
+the backbone. A ViT's recipe (size, patch, image size) is read from its tensors' shapes.
 """
 
 import json
@@ -21,8 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import PretrainConfig, from_dict
-from ..errors import CheckpointError
-from ..model.backbones import build_backbone, resnet
+from ..errors import CheckpointError, ConfigError
+from ..model.backbones import build_backbone, resnet, vit_recipe
 from .reading import is_safetensors, read_state
 from .runs import ENCODER_VERSIONS, PRETRAIN, SUPERVISED, check_checkpoint
 
@@ -65,7 +66,8 @@ def _ours(state: dict[str, Any], path: Path) -> LoadedEncoder:
                               "pretrain again")
     # Pretraining checkpoints say where the method keeps its backbone; supervised ones are Sequential(backbone, fc).
     prefix = state.get("backbone", "encoder_q.backbone") + "." if kind == PRETRAIN else "0."
-    backbone = build_backbone(cfg.model.arch, data["channels"], cfg.model.width, cfg.model.small_stem)
+    backbone = build_backbone(cfg.model.arch, data["channels"], cfg.model.width, cfg.model.small_stem, data["size"],
+                              cfg.model.patch_size)
     layout = "moco-pretrain" if kind == PRETRAIN else "supervised"
     _load_strict(backbone, _strip(state["model"], prefix), path, layout)
     return LoadedEncoder(backbone.eval(), layout, cfg.model.arch, data["channels"], data["size"], data["mean"],
@@ -78,8 +80,8 @@ def _foreign(state: dict[str, Any], path: Path, arch: str | None) -> LoadedEncod
         layout, weights = "moco-v1/v2", _strip(sd, "module.encoder_q.")
     elif any(k.startswith("module.base_encoder.") for k in sd):
         layout, weights = "moco-v3", _strip(sd, "module.base_encoder.")
-        if any(k.startswith(("blocks.", "patch_embed.")) for k in weights):
-            raise CheckpointError(f"{path} is a moco-v3 ViT checkpoint; only ResNet backbones are supported")
+        if "cls_token" in weights:
+            return _vit(weights, path, layout)
     elif "conv1.weight" in sd and all(isinstance(v, torch.Tensor) for v in sd.values()):
         layout, weights = "torchvision", _strip(sd, "")
     else:
@@ -100,10 +102,22 @@ def _foreign(state: dict[str, Any], path: Path, arch: str | None) -> LoadedEncod
                          IMAGENET_MEAN if rgb else [0.5] * channels, IMAGENET_STD if rgb else [0.25] * channels)
 
 
+def _vit(weights: dict[str, torch.Tensor], path: Path, layout: str) -> LoadedEncoder:
+    """A ViT of the official v3 release: its recipe read from the tensors' shapes, ImageNet's normalisation."""
+    try:
+        recipe = vit_recipe(weights)
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{path} ({layout}): not a ViT this project builds ({e})") from None
+    backbone = build_backbone(**recipe)
+    _load_strict(backbone, weights, path, layout)
+    return LoadedEncoder(backbone.eval(), layout, recipe["name"], recipe["in_channels"], recipe["image_size"],
+                         IMAGENET_MEAN, IMAGENET_STD)
+
+
 def _strip(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries under `prefix`, renamed without it, the projection head (fc.*) left out."""
+    """The entries under `prefix`, renamed without it, the projection head (ResNets' fc.*, ViTs' head.*) left out."""
     out = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return {k: v for k, v in out.items() if not k.startswith("fc.")}
+    return {k: v for k, v in out.items() if not k.startswith(("fc.", "head."))}
 
 
 def _load_strict(backbone: nn.Module, weights: dict[str, torch.Tensor], path: Path, layout: str) -> None:
@@ -138,9 +152,12 @@ def write_safetensors(encoder: LoadedEncoder, path: str | Path) -> None:
     Writes `path` directly: callers that replace a file go through `files.atomic_write`.
     """
     weights = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()}
-    first_conv = next(v for v in weights.values() if v.dim() == 4)
-    backbone = {"name": encoder.arch, "in_channels": first_conv.shape[1], "width": first_conv.shape[0],
-                "small_stem": first_conv.shape[-1] == 3}  # build_backbone's arguments
+    if "cls_token" in weights:
+        backbone = vit_recipe(weights)  # build_backbone's arguments
+    else:
+        first_conv = next(v for v in weights.values() if v.dim() == 4)
+        backbone = {"name": encoder.arch, "in_channels": first_conv.shape[1], "width": first_conv.shape[0],
+                    "small_stem": first_conv.shape[-1] == 3}
     metadata = {
         "format": SAFETENSORS_FORMAT, "format_version": str(SAFETENSORS_VERSION), "arch": encoder.arch,
         "layout": encoder.layout, "channels": json.dumps(encoder.channels), "image_size": json.dumps(encoder.size),

@@ -8,15 +8,20 @@ CHECKPOINT_HELP = ("a checkpoint of this project (pretraining or supervised), of
                    "releases, a torchvision ResNet state_dict, or a safetensors export")
 
 
-def _encoder_and_splits(args: argparse.Namespace):
+def _encoder(args: argparse.Namespace):
     from ..checkpoints import load_encoder
+    from ..evaluate.data import EvalConfig
+
+    return load_encoder(args.checkpoint, build(args, EvalConfig).arch)
+
+
+def _splits(args: argparse.Namespace, encoder):
     from ..evaluate.data import EvalConfig, labelled_splits
     from ..runtime import resolve_device
 
     source = build(args, EvalConfig)
-    encoder = load_encoder(args.checkpoint, source.arch)
     train, test = labelled_splits(encoder, source, args.checkpoint)
-    return encoder, train, test, resolve_device(source.device)
+    return train, test, resolve_device(source.device)
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
@@ -29,7 +34,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
     if cfg.vote not in VOTES or cfg.k < 1 or cfg.t <= 0:
         raise ConfigError(f"kNN needs k >= 1, t > 0 and vote one of {', '.join(VOTES)}; got k={cfg.k}, t={cfg.t}, "
                           f"vote={cfg.vote!r}")
-    encoder, train, test, device = _encoder_and_splits(args)
+    encoder = _encoder(args)
+    train, test, device = _splits(args, encoder)
     rows = knn_rows(f"{args.checkpoint} ({encoder.layout})", encoder.backbone, train, test,
                     eval_transform(encoder, train, device), device, cfg.k, cfg.t, cfg.vote, args.baselines)
     how = (f"weighted, k={cfg.k}, t={cfg.t}" if cfg.vote == "weighted"
@@ -42,15 +48,16 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 def cmd_lincls(args: argparse.Namespace) -> int:
     from ..evaluate.baselines import linear_lines, linear_rows
-    from ..evaluate.linear import LinearConfig, check_config
+    from ..evaluate.linear import LinearConfig, check_config, protocol_config
 
-    cfg = build(args, LinearConfig)
+    encoder = _encoder(args)
+    cfg = build(args, LinearConfig, protocol_config(getattr(args, "protocol", "auto"), encoder))
     check_config(cfg)
-    encoder, train, test, device = _encoder_and_splits(args)
+    train, test, device = _splits(args, encoder)
     results = linear_rows(f"{args.checkpoint} ({encoder.layout})", encoder, train, test, cfg, device,
                           args.baselines, progress=args.progress)
     print(f"linear classification on {test.name} ({len(test)} images at {test.image_size} px; frozen features, "
-          f"{cfg.epochs} epochs, lr {cfg.lr} {cfg.schedule}, batch {cfg.batch_size}, augment {cfg.augment})")
+          f"protocol {cfg.protocol}: {cfg.epochs} epochs, lr {cfg.lr} {cfg.schedule}, batch {cfg.batch_size}, augment {cfg.augment})")
     print("\n".join(linear_lines(results)))
     return 0
 

@@ -12,7 +12,8 @@ Pipeline of one view (each step with its own random draw per image):
 2. colour jitter (brightness, contrast, saturation, hue), with probability ``jitter_p``;
 3. random grayscale, with probability ``gray_p``;
 4. Gaussian blur, with probability ``blur_p``;
-5. normalisation with ``mean`` / ``std``.
+5. solarization (pixels at or above half intensity inverted), with probability ``solarize_p``;
+6. normalisation with ``mean`` / ``std``.
 
 Differences from torchvision that are deliberate:
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-AUGMENT_PRESETS = ("v1", "v2", "crop", "none")
+AUGMENT_PRESETS = ("v1", "v2", "v3", "crop", "none")
 
 # ITU-R 601 luma weights; they sum to 1, so a gray image stays unchanged.
 _LUMA = (0.299, 0.587, 0.114)
@@ -256,6 +257,11 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
     return planes.view(batch, channels, height, width)  # (B, C, H, W)
 
 
+def solarize(images: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
+    """Invert the pixels at or above `threshold` of float images in [0, 1] (PIL's ImageOps.solarize at 128)."""
+    return torch.where(images >= threshold, 1.0 - images, images)
+
+
 def _check_probability(name: str, p: float) -> None:
     if not 0.0 <= p <= 1.0:
         raise ConfigError(f"{name} must be a probability in [0, 1], got {p}")
@@ -348,6 +354,7 @@ class BatchAugment(_Normalising):
             for 224 px to ``size`` (see `default_blur_sigma`).
         blur_kernel: odd kernel size in output pixels; ``None`` is about 10% of ``size``
             (see `default_blur_kernel`).
+        solarize_p: probability of solarizing (MoCo v3's second view).
     """
 
     def __init__(
@@ -365,12 +372,14 @@ class BatchAugment(_Normalising):
         blur_p: float = 0.0,
         blur_sigma: tuple[float, float] | None = None,
         blur_kernel: int | None = None,
+        solarize_p: float = 0.0,
     ) -> None:
         super().__init__(size, mean, std)
         if crop_scale is not None:
             _check_range("crop_scale", crop_scale, 0.0, 1.0)
         _check_range("crop_ratio", crop_ratio, 0.0, math.inf)
-        probabilities = {"flip_p": flip_p, "jitter_p": jitter_p, "gray_p": gray_p, "blur_p": blur_p}
+        probabilities = {"flip_p": flip_p, "jitter_p": jitter_p, "gray_p": gray_p, "blur_p": blur_p,
+                         "solarize_p": solarize_p}
         for name, p in probabilities.items():
             _check_probability(name, p)
         if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
@@ -396,6 +405,7 @@ class BatchAugment(_Normalising):
         self.blur_p = blur_p
         self.blur_sigma = blur_sigma
         self.blur_kernel = blur_kernel
+        self.solarize_p = solarize_p
 
     def forward(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -426,6 +436,9 @@ class BatchAugment(_Normalising):
             blur = _coin(batch, self.blur_p, device, generator)  # (B,)
             sigma = _uniform((batch,), *self.blur_sigma, device, generator)  # (B,)
             x = torch.where(_per_image(blur), gaussian_blur(x, sigma, self.blur_kernel), x)
+        if self.solarize_p > 0:
+            flip_dark = _coin(batch, self.solarize_p, device, generator)  # (B,)
+            x = torch.where(_per_image(flip_dark), solarize(x), x)
         return self._normalise(x)  # (B, C, size, size)
 
     def _jitter(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -458,13 +471,13 @@ class BatchAugment(_Normalising):
             f"{super().extra_repr()}, crop_scale={self.crop_scale}, crop_ratio={self.crop_ratio},"
             f" flip_p={self.flip_p}, jitter={self.jitter}, jitter_p={self.jitter_p},"
             f" gray_p={self.gray_p}, blur_p={self.blur_p}, blur_sigma={self.blur_sigma},"
-            f" blur_kernel={self.blur_kernel}"
+            f" blur_kernel={self.blur_kernel}, solarize_p={self.solarize_p}"
         )
 
 
 def build_augment(
     preset: str, size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2,
-    jitter_strength: float = 0.4, crop: bool = True,
+    jitter_strength: float = 0.4, crop: bool = True, view: int = 0,
 ) -> BatchAugment:
     """The augmentation of a named preset, sized for ``size``-px outputs.
 
@@ -472,9 +485,13 @@ def build_augment(
       on every image, flip.
     * ``"v2"``: MoCo v2 "aug+" -- crop (scale 0.2-1), colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
       grayscale p=0.2, Gaussian blur p=0.5 (sigma and kernel scaled to ``size``), flip.
+    * ``"v3"``: MoCo v3 (BYOL's asymmetric pair) -- crop, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
+      grayscale p=0.2, then for ``view`` 0 Gaussian blur p=1.0, for ``view`` 1 blur p=0.1 and solarize
+      p=0.2; flip. The v3 presets crop 8-100% of the image (``min_scale=0.08``).
     * ``"crop"``: crop (scale 0.2-1) and flip only.
     * ``"none"``: resize and normalise only; the same output as `EvalTransform`.
 
+    ``view`` (0: the query's, 1: the key's) matters for ``"v3"`` only; the other presets draw both views alike.
     ``crop=False`` leaves the random resized crop out, for views cropped already (streamed data, whose crops
     are cut from the original image while decoding it).
     ``min_scale`` is the smallest crop area (0.2 in the papers). ``jitter_strength`` is the colour
@@ -492,6 +509,11 @@ def build_augment(
         return BatchAugment(
             size, mean, std, crop_scale=crop, jitter=(j, j, j, 0.1), jitter_p=0.8, gray_p=0.2,
             blur_p=0.5,
+        )
+    if preset == "v3":
+        return BatchAugment(
+            size, mean, std, crop_scale=crop, jitter=(j, j, j / 2, 0.1), jitter_p=0.8, gray_p=0.2,
+            blur_p=1.0 if view == 0 else 0.1, solarize_p=0.0 if view == 0 else 0.2,
         )
     if preset == "crop":
         return BatchAugment(size, mean, std, crop_scale=crop, jitter_p=0.0, gray_p=0.0, blur_p=0.0)

@@ -19,6 +19,7 @@ from ..data.sources import FOLDER_IMAGE_SIZE, ImageSet, has_split, load_images
 from ..data.streaming import EvalFolder, image_statistics
 from ..data.training import fits_memory
 from ..errors import ConfigError, DataError
+from ..model.backbones import is_vit
 
 
 @dataclass
@@ -69,6 +70,9 @@ def eval_size(encoder: LoadedEncoder, requested: int | None, default: int | None
     """The size the encoder is evaluated at: `requested`, else its training size, else `default` (the
     pretraining config's for its own data set, None for the data's own size), said when not recorded."""
     if requested is not None:
+        if is_vit(encoder.backbone) and encoder.size is not None and requested != encoder.size:
+            raise ConfigError(f"the {encoder.arch} encoder is a Vision Transformer built for {encoder.size} px images "
+                              f"(its position embeddings); drop --image-size {requested}")
         return requested
     if encoder.size is not None:
         return encoder.size

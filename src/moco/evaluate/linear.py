@@ -6,6 +6,10 @@ no BatchNorm statistics updates. The paper uses lr 30 (batch 256), momentum 0.9,
 100 epochs, lr x0.1 at epochs 60 and 80, random resized crops + flips for training and the whole
 image for testing.
 
+MoCo v3's protocol (`protocol="v3"`, chosen by default for v3 checkpoints) is SGD without weight decay, a cosine
+schedule over 90 epochs and a batch of 1024, with base lr 0.1 for ResNets and 3 for ViTs (for a batch of 256, scaled
+to the batch as everywhere here).
+
 `augment="none"` trains on the features of the whole (resized) images instead, computed once:
 100 epochs then take seconds on a CPU and the result does not depend on augmentation noise.
 `augment="crop"` is the paper's protocol, each step running fresh crops through the backbone.
@@ -31,12 +35,15 @@ from ..config import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_field
 from ..data.augment import build_augment
 from ..data.sources import ImageSet
 from ..errors import ConfigError, DataError, MocoError
+from ..model import METHODS
+from ..model.backbones import is_vit
 from ..train.schedule import lr_at, scaled_lr
 from ..train.steps import sgd_steps
 from .data import eval_transform, fit_channels
 from .features import Images, extract_features
 
 SCHEDULES = ("step", "cosine")
+PROTOCOLS = ("auto", "v1", "v3")
 AUGMENTS = ("none", "crop")
 LR_BATCH_SIZE = 256  # the batch size the lr is given for (linear scaling rule)
 CROP_MIN_SCALE = 0.08  # the standard linear protocol's RandomResizedCrop scale (0.08, 1)
@@ -46,8 +53,11 @@ _EVAL_CHUNK = 8192
 
 @dataclass
 class LinearConfig:
-    """The linear protocol's classifier training (the MoCo paper's by default)."""
+    """The linear protocol's classifier training (the MoCo paper's by default; MoCo v3's for v3 checkpoints)."""
 
+    protocol: str = opt("auto", "auto (v3 for MoCo v3 checkpoints, else v1) | v1: the MoCo paper's (the defaults "
+                                "shown) | v3: MoCo v3's (90 epochs, cosine, batch 1024, lr 0.1 for ResNets and 3 for "
+                                "ViTs); flags given override the protocol's values")
     epochs: int = opt(100, "epochs of the linear classifier")
     lr: float = opt(30.0, "for a batch of 256, scaled linearly with batch_size")
     momentum: float = opt(0.9, "SGD momentum")
@@ -70,9 +80,22 @@ class LinearResult:
     history: list[dict]  # per epoch: epoch, lr, train_loss, train_top1, test_top1, test_top5
 
 
+def protocol_config(protocol: str, encoder: LoadedEncoder) -> LinearConfig:
+    """The defaults of `protocol` for `encoder`: the MoCo paper's, or MoCo v3's (auto: for v3 checkpoints)."""
+    check_fields(LinearConfig(protocol=protocol), "linear", {"protocol": one_of(PROTOCOLS)})
+    if protocol == "auto":
+        method = METHODS.get(encoder.config.model.method) if encoder.config is not None else None
+        protocol = "v3" if encoder.layout == "moco-v3" or (method and method.linear_protocol == "v3") else "v1"
+    if protocol == "v1":
+        return LinearConfig(protocol="v1")
+    vit = is_vit(encoder.backbone)
+    return LinearConfig(protocol="v3", epochs=90, lr=3.0 if vit else 0.1, weight_decay=0.0, schedule="cosine",
+                        batch_size=1024)
+
+
 def check_config(cfg: LinearConfig) -> None:
     """Raise ConfigError naming the first field that cannot work."""
-    check_fields(cfg, "linear", {"epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE,
+    check_fields(cfg, "linear", {"protocol": one_of(PROTOCOLS), "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE,
                                  "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "schedule": one_of(SCHEDULES),
                                  "lr_steps": every(POSITIVE_INT), "augment": one_of(AUGMENTS)})
 

@@ -39,6 +39,8 @@ class Method(nn.Module, ABC):
 
     name: ClassVar[str] = ""  # set by @register
     needs_key_view: ClassVar[bool] = True  # whether forward uses a second augmented view x_k
+    zero_init_residual: ClassVar[bool] = False  # ResNet backbones start each residual block as the identity
+    linear_protocol: ClassVar[str] = "v1"  # the linear protocol its paper evaluates it with (moco lincls --protocol)
 
     def __init__(self, encoder_q: nn.Module) -> None:
         super().__init__()
@@ -64,16 +66,26 @@ class Method(nn.Module, ABC):
         indices in the data set (None when streamed) -> logits (B', candidates), labels (B',)."""
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """InfoNCE: cross-entropy of the logits (computed in fp32) against the positives' indices."""
+        """InfoNCE: cross-entropy of the logits (computed in fp32) against the positives' indices, x `loss_scale`."""
         return F.cross_entropy(logits.float(), labels)
 
+    @property
+    def loss_scale(self) -> float:
+        """The factor `loss` multiplies the mean cross-entropy by (for the diagnostics' chance level): 1."""
+        return 1.0
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """What the optimizer trains: the query encoder."""
-        return self.encoder_q.parameters()
+        """What the optimizer trains: the query encoder's parameters that require gradients."""
+        return (p for p in self.encoder_q.parameters() if p.requires_grad)
 
     def before_step(self, progress: float) -> None:
         """Called before every optimizer step with the fraction of training done (step / total steps), for
         per-iteration schedules of the method's own (e.g. MoCo v3's momentum coefficient). Nothing by default."""
+
+    def convert_sync_bn(self) -> None:
+        """torchrun on GPUs with sync_bn: synchronised BN over the global batch where the method allows it; here
+        the query encoder only (keys keep their per-group BN: shuffling BN)."""
+        self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
 
     def compile_encoders(self) -> None:
         """torch.compile the encoders in place (their parameter names, so checkpoints, stay the same)."""

@@ -16,16 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are computed per sub-batch: `splits` equal blocks of the batch.
+class _SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics are computed per sub-batch: `splits` equal blocks of the batch.
 
     Sub-batch j is samples [j*N/G, (j+1)*N/G) (G = splits): a slice, contiguous in both memory formats,
     so each is one call of the native kernels (with their vectorised channels_last paths), writing into
     its slice of one output (`_BlockBatchNorm`). Under torchrun, process r holds block r of the global
     batch, so one process with G groups computes what G processes with one group each compute.
 
-    In eval mode it is a plain BatchNorm2d. The running statistics are the mean over the groups,
-    so a checkpoint loads into a plain BatchNorm2d unchanged.
+    In eval mode it is a plain batch norm. The running statistics are the mean over the groups,
+    so a checkpoint loads into a plain BatchNorm1d/2d unchanged.
     """
 
     def __init__(self, num_features: int, splits: int, **kwargs) -> None:
@@ -54,9 +54,9 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
                              None if running_var is None else running_var[j], self.weight, self.bias, True,
                              momentum, self.eps)
                 for j, block in enumerate(x.chunk(g))
-            ])  # (N, C, H, W)
+            ])  # (N, C, ...)
         else:
-            ones = torch.ones(x.shape[1], device=x.device)
+            ones = torch.ones(x.shape[1], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
             weight = self.weight if self.affine else ones
             bias = self.bias if self.affine else torch.zeros_like(ones)
             y = _BlockBatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, self.eps, g)
@@ -66,6 +66,18 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.copy_(running_var.mean(0))
                 self.num_batches_tracked.add_(1)
         return y
+
+
+class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):
+    """Split batch norm of images (N, C, H, W): the encoders' convolutional layers."""
+
+
+class SplitBatchNorm1d(_SplitBatchNorm, nn.BatchNorm1d):
+    """Split batch norm of features (N, C): the BN layers of MoCo v3's projector and predictor."""
+
+
+SPLIT_KINDS: dict[type[nn.Module], type[_SplitBatchNorm]] = {nn.BatchNorm2d: SplitBatchNorm2d,
+                                                             nn.BatchNorm1d: SplitBatchNorm1d}
 
 
 class _BlockBatchNorm(torch.autograd.Function):
@@ -78,7 +90,7 @@ class _BlockBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, groups: int):
-        y = torch.empty_like(x)  # (N, C, H, W), the memory format of x
+        y = torch.empty_like(x)  # (N, C, ...), the memory format of x
         dtype = torch.promote_types(x.dtype, torch.float32)
         stats = torch.empty(2, groups, x.shape[1], device=x.device, dtype=dtype)  # (2, G, C): mean, 1/std
         for j, (xb, yb) in enumerate(zip(x.chunk(groups), y.chunk(groups))):
@@ -93,7 +105,7 @@ class _BlockBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, stats = ctx.saved_tensors
-        dx = torch.empty_like(x)  # (N, C, H, W)
+        dx = torch.empty_like(x)  # (N, C, ...)
         dw, db = torch.zeros_like(weight), torch.zeros_like(weight)  # (C,) each
         for j, (xb, dyb, dxb) in enumerate(zip(x.chunk(ctx.groups), dy.chunk(ctx.groups), dx.chunk(ctx.groups))):
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
@@ -104,12 +116,14 @@ class _BlockBatchNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
-def convert_split_bn(module: nn.Module, splits: int, kind: type[SplitBatchNorm2d] = SplitBatchNorm2d) -> nn.Module:
-    """Replace every BatchNorm2d of `module` (in place) by a `kind` (a SplitBatchNorm2d) with the same state."""
+def convert_split_bn(module: nn.Module, splits: int,
+                     kinds: dict[type[nn.Module], type[_SplitBatchNorm]] = SPLIT_KINDS) -> nn.Module:
+    """Replace every BatchNorm1d/2d of `module` (in place) by its split kind (`kinds`) with the same state."""
     if splits <= 1:
         return module
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, kind):
+        kind = kinds.get(type(child))
+        if kind is not None:
             split = kind(
                 child.num_features,
                 splits,
@@ -119,8 +133,8 @@ def convert_split_bn(module: nn.Module, splits: int, kind: type[SplitBatchNorm2d
                 track_running_stats=child.track_running_stats,
             )
             split.load_state_dict(child.state_dict())
-            split.to(device=next(child.buffers()).device)
+            split.to(device=next(iter([*child.buffers(), *child.parameters()])).device)
             setattr(module, name, split)
         else:
-            convert_split_bn(child, splits, kind)
+            convert_split_bn(child, splits, kinds)
     return module

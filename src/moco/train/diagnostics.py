@@ -20,7 +20,8 @@ def check_queue_size(K: int, keys_per_epoch: int) -> None:
 
 
 class LossWatch:
-    """Compares the loss of the first steps after the negatives are all real keys to log(K+1).
+    """Compares the loss of the first steps after the negatives are all real keys to chance: log(K+1) (times the
+    method's `loss_scale`).
 
     Before training has done much, every key looks alike and InfoNCE over 1 + K candidates is near
     log(K + 1) (11.09 for K=65536). Far above: the positive is scored below the negatives (a bug, a
@@ -29,8 +30,9 @@ class LossWatch:
     a loss still near log(K + 1) means the model is not learning.
     """
 
-    def __init__(self, candidates: int, first_full_step: int, window: int = 10) -> None:
-        self.chance = math.log(candidates)  # log(K + 1): a uniform guess among the positive and K negatives
+    def __init__(self, candidates: int, first_full_step: int, window: int = 10, scale: float = 1.0) -> None:
+        # log(K + 1): a uniform guess among the positive and K negatives, times the method's loss scale
+        self.chance = scale * math.log(candidates)
         self.first_full_step = first_full_step  # the random initial keys are gone from then on
         self.window = window
         self.losses: list[float] = []
@@ -45,16 +47,16 @@ class LossWatch:
         self.checked = True
         mean = sum(self.losses) / len(self.losses)
         if mean > self.chance + 1.0:
-            warn(f"the first losses ({mean:.2f}) are well above log(K+1)={self.chance:.2f}: positives score below "
+            warn(f"the first losses ({mean:.2f}) are well above chance={self.chance:.2f}: positives score below "
                  "negatives; check the temperature (too small?), the learning rate (too high?) and a custom encoder")
         elif mean < 0.5 * self.chance:
-            warn(f"the first losses ({mean:.2f}) are far below log(K+1)={self.chance:.2f}: the task is too easy "
+            warn(f"the first losses ({mean:.2f}) are far below chance={self.chance:.2f}: the task is too easy "
                  "from the start; keep shuffle_bn on with bn_splits > 1 (BN statistics leak the positive) and use "
                  "stronger augmentation")
 
     def epoch_end(self, mean_loss: float) -> None:
         if mean_loss > 0.97 * self.chance:
-            warn(f"the loss ({mean_loss:.2f}) is stuck near log(K+1)={self.chance:.2f} after an epoch: the model is "
+            warn(f"the loss ({mean_loss:.2f}) is stuck near chance={self.chance:.2f} after an epoch: the model is "
                  "not learning; try a higher lr, a higher temperature, or check the augmentations")
 
 

@@ -138,7 +138,7 @@ class Diagnostics(Hook):
 
     def on_start(self, trainer: Trainer) -> None:
         method, batch = trainer.method, trainer.cfg.data.batch_size
-        self.watch = LossWatch(*method.chance(batch))
+        self.watch = LossWatch(*method.chance(batch), scale=method.loss_scale)
         self.watch.checked = trainer.step > 0  # the first losses tell something only about a run from scratch
         if trainer.main and method.queue_size():
             check_queue_size(method.queue_size(), trainer.steps_per_epoch * batch * method.keys_per_image())

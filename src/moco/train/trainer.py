@@ -12,7 +12,6 @@ from dataclasses import asdict
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist
@@ -78,11 +77,12 @@ class Trainer:
         self.memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
         self.method = method.to(device, memory_format=self.memory_format)
         self.precropped = data.train.precropped  # streamed data: two views cut while decoding, (B, 2, C, S, S)
-        self.augment = build_augment(d.augment, data.size, data.mean, data.std, d.crop_min_scale,
-                                     d.jitter_strength, crop=not self.precropped).to(device)
+        self.augment_q, self.augment_k = (  # MoCo v3's views are augmented differently; v1/v2's alike
+            build_augment(d.augment, data.size, data.mean, data.std, d.crop_min_scale, d.jitter_strength,
+                          crop=not self.precropped, view=view).to(device) for view in (0, 1))
         self.optimizer = build_optimizer(method.trainable_parameters(), cfg.optim, d.batch_size)
-        if m.sync_bn and self.world > 1:  # the query's BN over the global batch; momentum encoders keep their groups
-            method.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(method.encoder_q)
+        if m.sync_bn and self.world > 1:
+            method.convert_sync_bn()
         # DDP averages the trained gradients; buffers stay out of its broadcast (every process pushes the same
         # gathered keys into its queue, so the queues agree without copying them each step).
         self.forward = (DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
@@ -242,8 +242,8 @@ class Trainer:
     def _train_step(self, images: torch.Tensor, idx: torch.Tensor | None) -> StepOutput | None:
         images = images.to(self.device, non_blocking=True)  # (B, C, H, W) uint8, or (B, 2, C, S, S) when precropped
         q, k = (images[:, 0], images[:, 1]) if self.precropped else (images, images)  # each view from its own
-        x_q = self.augment(q).contiguous(memory_format=self.memory_format)  # (B, C, S, S)
-        x_k = (self.augment(k).contiguous(memory_format=self.memory_format)
+        x_q = self.augment_q(q).contiguous(memory_format=self.memory_format)  # (B, C, S, S)
+        x_k = (self.augment_k(k).contiguous(memory_format=self.memory_format)
                if self.method.needs_key_view else None)  # (B, C, S, S)
         with torch.autocast(self.device.type, self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             logits, labels = self.forward(x_q, x_k, None if idx is None else idx.to(self.device))  # (B', C), (B',)

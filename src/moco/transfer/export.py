@@ -2,8 +2,10 @@
 
 Formats:
     torchvision   torch.save of a plain state_dict for `torchvision.models.resnetN()` with `fc = Identity()`
-    timm          the same tensors under timm's names (identical for resnet18/34/50) for
-                  `timm.create_model("resnetN", num_classes=0)`
+    timm          the same tensors under timm's names (identical for resnet18/34/50 and for our ViTs, which are
+                  timm's) for `timm.create_model("resnetN", num_classes=0)` or
+                  `timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12)` (MoCo v3's ViT-S has
+                  12 heads where timm's has 6)
     detectron2    a pickle as the official MoCo converter writes it (`detection/convert-pretrain-to-detectron2.py`):
                   {"model": {detectron2 name: numpy array}, "__author__": "MOCO", "matching_heuristics": True}
     safetensors   the backbone's tensors, with what rebuilding and feeding it needs in the header's metadata
@@ -28,11 +30,19 @@ from ..checkpoints import LoadedEncoder, load_encoder, read_safetensors, write_s
 from ..errors import ConfigError, MocoError
 from ..extras import require
 from ..files import atomic_write
+from ..model.backbones import is_vit
 
 FORMATS = ("torchvision", "timm", "detectron2", "safetensors")
 # Blocks per stage (res2..res5) and convolutions per block (basic: 2, bottleneck: 3) of the ResNets we export.
 RESNET_STRUCTURE = {"resnet18": ((2, 2, 2, 2), 2), "resnet34": ((3, 4, 6, 3), 2), "resnet50": ((3, 4, 6, 3), 3)}
 BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# timm's model of each of our ViTs, and what that model's defaults are (what the export's create_model overrides).
+TIMM_VITS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+TIMM_VIT_DEFAULTS = {
+    "vit_tiny_patch16_224": dict(img_size=224, patch_size=16, in_chans=3, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12),
+}
 
 
 class ExportCheckError(MocoError):
@@ -80,7 +90,11 @@ def export_encoder(checkpoint: str | Path, fmt: str, out: str | Path, arch: str 
 
 
 def _check_exportable(encoder: LoadedEncoder, fmt: str) -> None:
-    if fmt != "safetensors" and encoder.arch not in RESNET_STRUCTURE:
+    vit = encoder.arch in TIMM_VITS
+    if vit and fmt not in ("timm", "safetensors"):
+        raise ConfigError(f"the {encoder.arch} backbone is a timm Vision Transformer: export it with --format timm "
+                          "or --format safetensors")
+    if not vit and fmt != "safetensors" and encoder.arch not in RESNET_STRUCTURE:
         raise ConfigError(
             f"the {encoder.arch} backbone is not a torchvision ResNet, so torchvision, timm and detectron2 cannot "
             "build it; export it with --format safetensors (moco.checkpoints.read_safetensors rebuilds it)"
@@ -97,7 +111,8 @@ def _check_exportable(encoder: LoadedEncoder, fmt: str) -> None:
 
 
 def _small_stem(encoder: LoadedEncoder) -> bool:
-    return encoder.backbone.conv1.kernel_size == (3, 3)
+    conv1 = getattr(encoder.backbone, "conv1", None)
+    return conv1 is not None and conv1.kernel_size == (3, 3)
 
 
 def _rounded(values: list[float]) -> list[float]:
@@ -128,7 +143,21 @@ def _export_torchvision(encoder: LoadedEncoder, weights: dict[str, torch.Tensor]
     return lines
 
 
+def timm_vit_arguments(encoder: LoadedEncoder) -> tuple[str, dict[str, int]]:
+    """timm's model name for the encoder's ViT and the create_model arguments that make it this ViT: those that
+    differ from that model's defaults."""
+    name = TIMM_VITS[encoder.arch]
+    vit = encoder.backbone
+    actual = dict(img_size=vit.patch_embed.img_size[0], patch_size=vit.patch_embed.patch_size[0],
+                  in_chans=encoder.channels, embed_dim=vit.embed_dim, depth=len(vit.blocks),
+                  num_heads=vit.blocks[0].attn.num_heads)
+    return name, {k: v for k, v in actual.items() if TIMM_VIT_DEFAULTS[name][k] != v}
+
+
 def _export_timm(timm: ModuleType, encoder: LoadedEncoder, weights: dict[str, torch.Tensor], out: Path) -> list[str]:
+    if encoder.arch in TIMM_VITS:
+        return _export_timm_vit(timm, encoder, weights, out)
+
     def target() -> nn.Module:
         model = timm.create_model(encoder.arch, pretrained=False, num_classes=0, in_chans=encoder.channels)
         return _with_small_stem(model, encoder)
@@ -140,6 +169,23 @@ def _export_timm(timm: ModuleType, encoder: LoadedEncoder, weights: dict[str, to
             f"  model.load_state_dict(torch.load({str(out)!r}, weights_only=True))",
             "  (num_classes=0: no classifier is exported; timm.create_model(..., num_classes=N) adds a new one, "
             "load with strict=False then)"]
+
+
+def _export_timm_vit(timm: ModuleType, encoder: LoadedEncoder, weights: dict[str, torch.Tensor],
+                     out: Path) -> list[str]:
+    name, kwargs = timm_vit_arguments(encoder)
+
+    def target() -> nn.Module:
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+    _write_state_dict(out, weights, encoder, target)
+    args = "".join(f", {k}={v}" for k, v in kwargs.items())
+    return ["load it with:",
+            f"  model = timm.create_model({name!r}, num_classes=0{args})",
+            f"  model.load_state_dict(torch.load({str(out)!r}, weights_only=True))",
+            "  (the output is the class token's feature; the position embeddings are MoCo v3's fixed sin-cos ones "
+            "and the patch projection the random one it never trained: freeze both when fine-tuning as the paper "
+            "does, with model.pos_embed.requires_grad_(False) and model.patch_embed.requires_grad_(False))"]
 
 
 def _write_state_dict(out: Path, weights: dict[str, torch.Tensor], encoder: LoadedEncoder,
@@ -192,7 +238,8 @@ def _check_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, tor
 @torch.no_grad()
 def _check_same_function(encoder: LoadedEncoder, model: nn.Module) -> None:
     """Equal tensors under equal names can still mean other things in another architecture: compare outputs."""
-    size = min(encoder.size or 64, 64)  # the weights' meaning does not depend on the resolution; keep it cheap
+    # The weights' meaning does not depend on the resolution: keep it cheap, except for a ViT, built for one size.
+    size = encoder.size if is_vit(encoder.backbone) else min(encoder.size or 64, 64)
     x = torch.randn(2, encoder.channels, size, size, generator=torch.Generator().manual_seed(0))
     want, got = encoder.backbone.eval()(x), model.eval()(x)
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
