@@ -245,3 +245,51 @@ def test_two_processes_equal_one_process(tmp_path):
             assert torch.allclose(rank["loss"][step], loss, atol=1e-5), (step, rank["loss"][step], loss)
             for g_ddp, p in zip(rank["grads"][step], model.trainable_parameters(), strict=True):
                 assert torch.allclose(g_ddp, p.grad, atol=1e-5), step
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_v3_run_resumes_exactly(tmp_path):
+    """The momentum schedule, AdamW's moments and the frozen ViT parts continue as if nothing happened."""
+
+    def cfg(out):
+        return apply_overrides(preset("v3-cpu"), {"hidden_dim": 32, "dim": 16, "train_subset": 256, "batch_size": 64,
+                                                  "epochs": 3, "warmup_epochs": 1, "out_dir": str(out),
+                                                  "progress": False, "knn_every": -1, "tensorboard": False})
+
+    def kill_in_epoch_2(line: str) -> None:
+        if line.startswith("epoch 2:"):
+            raise Killed
+
+    pretrain(cfg(tmp_path / "a"), baselines=False, echo=lambda _: None)
+    with pytest.raises(Killed):
+        pretrain(cfg(tmp_path / "b"), baselines=False, echo=kill_in_epoch_2)
+    pretrain(cfg(tmp_path / "b"), resume=tmp_path / "b", baselines=False, echo=lambda _: None)
+    full, resumed = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True) for r in "ab")
+    assert full["step"] == resumed["step"] == 12
+    for name, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_sync_bn_reaches_every_bn_of_the_method():
+    model = make_v3()
+    model.convert_sync_bn()
+    for part in (model.encoder_q, model.encoder_k, model.predictor):
+        bns = [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert bns and all(isinstance(m, nn.SyncBatchNorm) for m in bns)
+
+
+def test_the_random_encoder_baseline_of_a_vit_is_built_afresh():
+    from moco.evaluate.knn import reinitialised
+
+    backbone = make_v3().encoder_q.backbone
+    with torch.no_grad():
+        backbone.cls_token.fill_(3.0)  # as if trained
+    fresh = reinitialised(backbone)
+    assert fresh.cls_token.abs().max() < 1e-4  # the release's N(0, 1e-6), not the trained token
+    assert torch.equal(fresh.pos_embed, backbone.pos_embed)  # the same fixed sin-cos positions
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)

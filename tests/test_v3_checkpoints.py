@@ -2,6 +2,7 @@
 
 import timm
 import torch
+from safetensors.torch import load_file
 
 from moco import config as C
 from moco.checkpoints import load_encoder, read_safetensors
@@ -82,6 +83,9 @@ def test_a_v3_run_evaluates_exports_and_reloads(tmp_path, capsys):
     assert main(["lincls", str(checkpoint), "--dataset", "digits", "--epochs", "1", "--no-baselines",
                  "--no-progress"]) == 0
     assert "protocol v3: 1 epochs, lr 3.0 cosine" in capsys.readouterr().out
+    features = tmp_path / "digits.safetensors"
+    assert main(["embed", str(checkpoint), "digits", "--out", str(features)]) == 0
+    assert load_file(features)["features"].shape == (1438, 96)  # class-token features of the digits train split
     out = tmp_path / "vit.safetensors"
     assert main(["export", str(checkpoint), "--format", "safetensors", "--out", str(out)]) == 0
     again = read_safetensors(out)

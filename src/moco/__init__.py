@@ -1,4 +1,4 @@
-"""momentum-contrast: Momentum Contrast (MoCo v1/v2) self-supervised pretraining.
+"""momentum-contrast: Momentum Contrast (MoCo v1, v2 and v3) self-supervised pretraining.
 
 The public API is imported on first use (`moco.pretrain`, `moco.MoCo`, ...), so that `import moco` and the
 `moco` command start without importing torch until they need it.
@@ -13,7 +13,7 @@ _API = {
     "PretrainConfig": "config", "ModelConfig": "config", "DataConfig": "config", "OptimConfig": "config",
     "RunConfig": "config", "apply_overrides": "config", "preset": "config",
     "MocoError": "errors", "ConfigError": "errors", "DataError": "errors", "CheckpointError": "errors",
-    "Method": "model", "MoCo": "model", "register": "model", "build_encoder": "model", "build_method": "model",
+    "Method": "model", "MoCo": "model", "MoCoV3": "model", "register": "model", "build_encoder": "model", "build_method": "model",
     "load_encoder": "checkpoints",
 }
 __all__ = sorted(_API)

@@ -23,7 +23,7 @@ def build_parser(argv: Sequence[str] = ()):
 
     from .flags import Parser
 
-    parser = Parser(prog="moco", description="Momentum Contrast (MoCo v1/v2): self-supervised pretraining of image "
+    parser = Parser(prog="moco", description="Momentum Contrast (MoCo v1, v2, v3): self-supervised pretraining of image "
                     "encoders, their evaluation and transfer. Exit codes: 0 done, 2 a user error (one line says "
                     "what and how to fix it), 130/143 stopped by Ctrl-C/SIGTERM.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)

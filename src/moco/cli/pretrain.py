@@ -26,8 +26,9 @@ def add_config_flags(p: argparse.ArgumentParser, argv: list[str]) -> None:
     """--preset, --config, --print-config and one flag per config field, in a group per section."""
     name = chosen_preset(argv)
     p.add_argument("--preset", choices=list(C.PRESETS), default=None,
-                   help=f"named recipe: cpu (the default; fast on a CPU), v1/v2 (the papers, ResNet-50), cifar (the "
-                   f"official CIFAR-10 demo), smoke (seconds); the defaults below are {name}'s")
+                   help=f"named recipe: cpu (the default; fast on a CPU), v1/v2 (the papers, ResNet-50), v3-resnet50, "
+                   f"v3-vit-small, v3-vit-base (MoCo v3's), v3-cpu (a tiny ViT on a CPU), cifar (the official "
+                   f"CIFAR-10 demo), smoke (seconds); the defaults below are {name}'s")
     p.add_argument("--config", metavar="FILE", help="YAML file with sections model, data, optim, run (or flat fields)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     defaults = C.preset(name)

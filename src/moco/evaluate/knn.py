@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import opt
+from ..errors import ConfigError
+from ..model.backbones import build_backbone, is_vit, vit_recipe
 from .features import Images, extract_features
 
 VOTES = ("weighted", "majority")
@@ -138,7 +140,14 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 
 
 def reinitialised(module: nn.Module) -> nn.Module:
-    """A copy of `module` with every layer re-initialised: the random-encoder baseline."""
+    """A copy of `module` with every layer re-initialised: the random-encoder baseline. A ViT of ours is built
+    afresh, with its own initialisation (its class token is no layer's to reset)."""
+    if is_vit(module):
+        weights = module.state_dict()
+        try:
+            return build_backbone(**vit_recipe(weights)).to(weights["cls_token"].device)
+        except (KeyError, ConfigError):  # not one of ours: reset its layers as any module's
+            pass
     module = copy.deepcopy(module)
     for layer in module.modules():
         if hasattr(layer, "reset_parameters"):

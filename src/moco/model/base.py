@@ -3,9 +3,9 @@
 A method wraps a query encoder (backbone + head) and turns two augmented views of a batch into
 contrastive logits and labels; the trainer computes `loss(logits, labels)`, steps the optimizer on
 `trainable_parameters()`, and calls `before_step(progress)` before every step for per-iteration schedules.
-Everything else the trainer needs (is a second view used, how to compile, which configs can run, the
-diagnostics' chance level and recent keys) is asked of the method, so the trainer never branches on a
-method's name. A new method subclasses `Method` and registers itself:
+Everything else the trainer and evaluation need (is a second view used, how to compile and synchronise BN,
+which configs can run, the diagnostics' chance level and recent keys, how ResNets start, which linear protocol
+evaluates it) is asked of the method, so nothing branches on a method's name. A new method subclasses `Method` and registers itself:
 
     @register("my_method")
     class MyMethod(Method):
