@@ -661,8 +661,9 @@ def bench(s: BenchSettings, out: str | Path = "docs/benchmarks", echo: Callable[
              "seconds": round(time.perf_counter() - tic, 1), "batch_size": bench_config(s, "", 1).data.batch_size,
              "setup": s.setup(), "settings": asdict(s), "result": result}
     if s.mode == "time-to-accuracy":
-        # One file per setup: "-ours" without the reference, "-width-24" for --set width=24.
-        variant = "".join(f"-{k}-{v}" for k, v in s.overrides.items()) + ("" if s.reference else "-ours")
+        # One file per setup: "-v3-cpu" for another preset, "-width-24" for --set width=24, "-ours" alone.
+        variant = ("" if s.preset == C.DEFAULT_PRESET else f"-{s.preset}")
+        variant += "".join(f"-{k}-{v}" for k, v in s.overrides.items()) + ("" if s.reference else "-ours")
         name = f"{s.mode}-{entry['machine']['slug']}-{s.minutes:g}min{variant}"
         entry["plot"] = re.sub(r"[^A-Za-z0-9._-]+", "-", name) + ".png"
         plot_curve(out / entry["plot"], entry)

@@ -338,7 +338,8 @@ class BatchAugment(_Normalising):
 
     Args:
         size: output height and width in pixels.
-        mean, std: per-channel normalisation of images scaled to [0, 1]; 1 or 3 channels.
+        mean: per-channel mean of the normalisation of images scaled to [0, 1]; 1 or 3 channels.
+        std: per-channel standard deviation of that normalisation.
         crop_scale: range of the crop's area as a fraction of the image area, as in torchvision's
             ``RandomResizedCrop``; ``None`` disables the crop, and the whole image is resized
             (with antialiasing) to ``size`` x ``size``.
