@@ -12,6 +12,7 @@ from .ablate import STUDIES, ablate
 from .bench import BenchSettings, bench
 from .data_path import DataPathSettings
 from .data_path import run as run_data_path
+from .gpu_check import GpuCheckSettings, gpu_check, publish
 from .transfer_study import transfer_study
 
 
@@ -32,6 +33,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     run_data_path(build(args, DataPathSettings), args.out)
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> None:
+    if args.publish:
+        print(f"wrote {publish(args.publish)}")
+        return
+    gpu_check(build(args, GpuCheckSettings), args.out)
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -83,6 +91,24 @@ def build_parser() -> Parser:
     add_fields(p, DataPathSettings)
     p.add_argument("--out", default="docs/benchmarks", help="results folder; the Markdown page is OUT.md")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("gpu-check", help="one prepared run of the CUDA paths and their figures, under 8 minutes",
+                       description="On a machine with one CUDA GPU, in priority order and within --budget-minutes "
+                       "(8 by default): the machine and its fp32/bf16 matmul peaks; the CUDA tests (tests/test_gpu.py: "
+                       "AMP in both dtypes with the gradient scaler, channels_last, compile, the device's augmentation "
+                       "against the CPU's, a real CUDA out-of-memory error, SyncBN, one NCCL process under torchrun, "
+                       "resume); throughput against the faithful reference of the small CNN at 28 px, ResNet-18 at "
+                       "32 px, ResNet-50 (v2) and ViT-S/16 (v3) at 224 px in fp32 and bf16 (images/s, peak GPU memory, "
+                       "share of the matmul peak); the 224-px data path from real JPEGs with the machine's CPU "
+                       "workers and JPEG decoding on the GPU, against ResNet-50's step rate; time to accuracy of the "
+                       "main job's recipe and a ResNet-18 version (--accuracy-minutes each); bf16 compiled last. "
+                       "Writes OUT/results.json, summary.md, log.txt and tests.xml. --device cpu is the dry run "
+                       "(tiny sizes, about a minute). A step that would start past the budget is recorded as not run.")
+    add_fields(p, GpuCheckSettings)
+    p.add_argument("--out", default="runs/gpu-check", help="folder of results.json, summary.md, log.txt, tests.xml")
+    p.add_argument("--publish", metavar="RESULTS_JSON", help="instead of measuring: add a gpu-check's entries to "
+                   "docs/benchmarks and regenerate docs/benchmarks.md")
+    p.set_defaults(func=cmd_gpu_check)
 
     p = sub.add_parser("ablate", help="the paper's ablations in miniature on Fashion-MNIST",
                        description="Short runs of the CPU preset with one fixed budget each: momentum m, the three "
