@@ -293,3 +293,13 @@ def test_the_random_encoder_baseline_of_a_vit_is_built_afresh():
     assert fresh.cls_token.abs().max() < 1e-4  # the release's N(0, 1e-6), not the trained token
     assert torch.equal(fresh.pos_embed, backbone.pos_embed)  # the same fixed sin-cos positions
     assert not torch.equal(fresh.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
+
+
+def test_a_shorter_schedule_keeps_the_presets_share_of_warm_up(capsys):
+    from moco.cli import main
+
+    assert main(["pretrain", "--preset", "v3-vit-small", "--epochs", "3", "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert "warmup_epochs: 0.4\n" in out and "40 of 300" in err  # 40/300 of 3 epochs
+    assert main(["pretrain", "--preset", "v3-vit-small", "--epochs", "3", "--warmup-epochs", "1", "--print-config"]) == 0
+    assert "warmup_epochs: 1.0\n" in capsys.readouterr().out  # given: kept as it is

@@ -78,6 +78,12 @@ def resolve_pretrain_config(args: argparse.Namespace, check=None):
             cfg = C.from_dict(C.load_yaml(out_dir / "config.yaml"))
         else:
             print(f"--resume auto: no checkpoint in {out_dir}, starting a new run", file=sys.stderr)
+    optim = flags["optim"]
+    if resume is None and "epochs" in optim and "warmup_epochs" not in optim and cfg.optim.warmup_epochs > 0:
+        # A shorter (or longer) schedule keeps the recipe's share of warm-up: 40 of 300 epochs -> 0.13 of 1.
+        optim["warmup_epochs"] = cfg.optim.warmup_epochs * optim["epochs"] / cfg.optim.epochs
+        print(f"warm-up: {optim['warmup_epochs']:.3g} of {optim['epochs']} epochs, the recipe's share "
+              f"({cfg.optim.warmup_epochs:g} of {cfg.optim.epochs}); --warmup-epochs sets it", file=sys.stderr)
     return (check or check_pretrain_config)(C.apply_overrides(cfg, flags)), resume
 
 
