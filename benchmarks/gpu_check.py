@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -336,6 +337,7 @@ def gpu_check(s: GpuCheckSettings, out: str | Path) -> Path:
             run.record(step, action())
             run.results.setdefault("step_seconds", {})[step] = round(time.monotonic() - tic, 1)
     run.save()
+    shutil.rmtree(run.scratch, ignore_errors=True)  # the photo folders and the benchmarks' own files
     write_text(out / "summary.md", summary(run.results))
     run.echo(f"wrote {out / 'results.json'}, {out / 'summary.md'}, {out / 'log.txt'} in {run.results['seconds']} s")
     return out / "results.json"
