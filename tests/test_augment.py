@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -479,3 +481,38 @@ def test_eval_transform_is_a_deterministic_resize_and_normalise(side: int) -> No
     expected = TF.normalize(TF.resize(unit(images), [16, 16], antialias=True), mean, std)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     assert torch.equal(build_augment("none", 16, mean, std)(images), out)
+
+
+def test_blur_sigma_in_pixels_gives_a_visible_blur_on_small_images():
+    from moco.data.augment import blur_kernel_for
+
+    default = build_augment("v2", 28, [0.5], [0.25])
+    assert default.blur_sigma == pytest.approx((0.0125, 0.25)) and default.blur_kernel == 3  # scaled from 224 px
+    visible = build_augment("v2", 28, [0.5], [0.25], blur_sigma=(0.1, 1.0))
+    assert visible.blur_sigma == (0.1, 1.0) and visible.blur_kernel == 5  # +-2 sigma of 1 px
+    assert build_augment("v3", 28, [0.5], [0.25], blur_sigma=[0.1, 1.0], view=1).blur_kernel == 5
+    assert blur_kernel_for(224, 2.0) == 23 and blur_kernel_for(28, 2.0) == 9
+    image = torch.zeros(1, 1, 28, 28)
+    image[..., 14, 14] = 1.0  # one bright pixel: sigma 1 px spreads it over its neighbours
+    blurred = gaussian_blur(image, torch.tensor([1.0]), 5)
+    assert blurred[0, 0, 14, 14] == pytest.approx(0.1621, abs=1e-3)  # (1 / sum of exp(-x^2/2), x=-2..2)^2
+    assert blurred[0, 0, 14, 15] == pytest.approx(0.1621 * math.exp(-0.5), abs=1e-3)
+
+
+def test_the_config_passes_blur_sigma_to_both_views(tmp_path, monkeypatch):
+    from moco import config as C
+    from moco.pipeline import pretrain
+    from moco.train import trainer
+
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(build_augment(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(trainer, "build_augment", recording)
+    cfg = C.apply_overrides(C.preset("smoke"), {"blur_sigma": [0.1, 1.0], "train_subset": 256, "epochs": 1,
+                                                "out_dir": str(tmp_path), "progress": False, "knn_every": -1})
+    pretrain(cfg, baselines=False, echo=lambda s: None, on_step=lambda step, method: True)
+    assert [(a.blur_sigma, a.blur_kernel) for a in built] == [((0.1, 1.0), 5)] * 2
+    assert "blur_sigma:\n  - 0.1\n  - 1.0" in (tmp_path / "config.yaml").read_text()

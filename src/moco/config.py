@@ -68,6 +68,9 @@ class DataConfig:
     augment: str = opt("v2", "v1 | v2 (aug+) | v3 (asymmetric: blur p 1.0 / 0.1, solarize p 0 / 0.2 on the two "
                              "views) | crop | none")
     crop_min_scale: float = opt(0.2, "smallest area of a random resized crop, as a fraction of the image")
+    blur_sigma: list[float] | None = opt(None, "v2/v3 Gaussian blur's sigma range in output pixels, e.g. 0.1 1.0 "
+                                               "for a visible blur on small images; none: MoCo v2's [0.1, 2.0] for "
+                                               "224 px scaled to the crop size (almost no blur at 28 px)")
     jitter_strength: float = opt(0.4, "v1/v2 colour jitter's brightness, contrast and saturation (0.4 in the papers)")
     batch_size: int = opt(256, "images per step (the global batch)")
     train_subset: int | None = opt(None, "use only N training images: the first N (folders: an evenly spaced N, "
@@ -336,6 +339,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     need(m.bn_splits >= 1, f"bn_splits must be >= 1, got {m.bn_splits}")
     need(d.batch_size >= 2, f"batch_size must be >= 2, got {d.batch_size}")
     need(0 < d.crop_min_scale <= 1, f"crop_min_scale must be in (0, 1], got {d.crop_min_scale}")
+    need(d.blur_sigma is None or (len(d.blur_sigma) == 2 and 0 < d.blur_sigma[0] <= d.blur_sigma[1]),
+         f"blur_sigma must be two numbers 0 < low <= high (pixels), got {d.blur_sigma}")
     need(0 <= d.jitter_strength <= 1, f"jitter_strength must be in [0, 1] (brightness factors in [1 - s, 1 + s]), "
          f"got {d.jitter_strength}")
     need(d.image_size is None or d.image_size >= 8, f"image_size must be >= 8 or none, got {d.image_size}")

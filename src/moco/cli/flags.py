@@ -32,6 +32,12 @@ def _converter(tp: Any, name: str):
     return convert
 
 
+def _without_none(tp: Any) -> Any:
+    """`list[float]` from `list[float] | None`; other types as they are."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if type(None) in typing.get_args(tp) and len(args) == 1 else tp
+
+
 def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, defaults: Any = None,
                skip: tuple[str, ...] = ()) -> None:
     """One flag per field of dataclass `cls` (but `skip`), its help showing `defaults`' value (default: cls())."""
@@ -46,8 +52,8 @@ def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: t
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_)
-        elif typing.get_origin(tp) is list:
-            (item,) = typing.get_args(tp)
+        elif typing.get_origin(listed := _without_none(tp)) is list:
+            (item,) = typing.get_args(listed)
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, nargs="*", metavar="N",
                                 type=_converter(item, f.name), help=help_)
         else:

@@ -55,6 +55,11 @@ def default_blur_kernel(size: int) -> int:
     return max(3, 2 * round((0.1 * size - 1) / 2) + 1)
 
 
+def blur_kernel_for(size: int, sigma: float) -> int:
+    """The default kernel for ``size``, widened to an odd size covering +-2 ``sigma`` (5 px for sigma 1)."""
+    return max(default_blur_kernel(size), 2 * math.ceil(2 * sigma) + 1)
+
+
 def default_blur_sigma(size: int) -> tuple[float, float]:
     """MoCo v2's sigma range [0.1, 2.0] for 224 px, scaled by ``size / 224``.
 
@@ -479,6 +484,7 @@ class BatchAugment(_Normalising):
 def build_augment(
     preset: str, size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2,
     jitter_strength: float = 0.4, crop: bool = True, view: int = 0,
+    blur_sigma: Sequence[float] | None = None,
 ) -> BatchAugment:
     """The augmentation of a named preset, sized for ``size``-px outputs.
 
@@ -498,9 +504,13 @@ def build_augment(
     ``min_scale`` is the smallest crop area (0.2 in the papers). ``jitter_strength`` is the colour
     jitter's brightness, contrast and saturation (0.4 in the papers; hue keeps the preset's): on
     one-channel images only brightness and contrast act, and a stronger jitter makes up for it.
+    ``blur_sigma`` is the blur's sigma range in output pixels (None: MoCo v2's, scaled to ``size``); its kernel
+    then spans at least two sigmas either side (`blur_kernel_for`).
     """
     crop = (min_scale, 1.0) if crop else None
     j = jitter_strength
+    blur = {} if blur_sigma is None else {"blur_sigma": tuple(blur_sigma),
+                                          "blur_kernel": blur_kernel_for(size, max(blur_sigma))}
     if preset == "v1":
         return BatchAugment(
             size, mean, std, crop_scale=crop, jitter=(j, j, j, 0.4), jitter_p=1.0, gray_p=0.2,
@@ -509,12 +519,12 @@ def build_augment(
     if preset == "v2":
         return BatchAugment(
             size, mean, std, crop_scale=crop, jitter=(j, j, j, 0.1), jitter_p=0.8, gray_p=0.2,
-            blur_p=0.5,
+            blur_p=0.5, **blur,
         )
     if preset == "v3":
         return BatchAugment(
             size, mean, std, crop_scale=crop, jitter=(j, j, j / 2, 0.1), jitter_p=0.8, gray_p=0.2,
-            blur_p=1.0 if view == 0 else 0.1, solarize_p=0.0 if view == 0 else 0.2,
+            blur_p=1.0 if view == 0 else 0.1, solarize_p=0.0 if view == 0 else 0.2, **blur,
         )
     if preset == "crop":
         return BatchAugment(size, mean, std, crop_scale=crop, jitter_p=0.0, gray_p=0.0, blur_p=0.0)

@@ -79,7 +79,8 @@ class Trainer:
         self.precropped = data.train.precropped  # streamed data: two views cut while decoding, (B, 2, C, S, S)
         self.augment_q, self.augment_k = (  # MoCo v3's views are augmented differently; v1/v2's alike
             build_augment(d.augment, data.size, data.mean, data.std, d.crop_min_scale, d.jitter_strength,
-                          crop=not self.precropped, view=view).to(device) for view in (0, 1))
+                          crop=not self.precropped, view=view, blur_sigma=d.blur_sigma).to(device)
+            for view in (0, 1))
         self.optimizer = build_optimizer(method.trainable_parameters(), cfg.optim, d.batch_size)
         if m.sync_bn and self.world > 1:
             method.convert_sync_bn()
