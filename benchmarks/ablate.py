@@ -1,20 +1,30 @@
-"""The paper's ablations in miniature: short MoCo runs on Fashion-MNIST with one fixed budget each.
+"""The paper's ablations (section 4.1 and its appendix) on Fashion-MNIST, at a budget where the encoders learn.
 
-Studies (the paper's section 4.1):
-    momentum     m in {0, 0.9, 0.99, 0.999} at K=4096 (paper Table 4: m=0 fails, 0.99-0.999 best)
-    mechanisms   MoCo and memory bank across K, end-to-end across batch sizes (paper Fig. 3)
-    shuffle_bn   shuffling BN on and off (paper Fig. 4: without it the pretext task is "cheated")
-    heads        v1 (linear head, T=0.07, v1 augmentation) vs v2 (MLP head, T=0.2, aug+)
-Every run is the CPU preset on the same training subset for the same number of epochs, evaluated by
-kNN on the 10,000 test images. Results go to a CSV and a Markdown table, with plots, the commit, the
-machine and the command; runs already in the CSV with the same config are not repeated. Each run's
-folder (with its checkpoint) is under OUT/runs/, its metrics are copied to OUT/curves/.
+Every point is the main job's recipe (`BASE`) with one change, trained on all 60,000 training images for
+`epochs` (10 by default: 2,340 steps of 256 images), once with each seed. End-to-end runs with a larger batch train
+for the same number of optimizer steps, not epochs. Each run is scored by weighted kNN (k=200, t=0.1) on the
+10,000 test images, next to the same kNN on its randomly initialised encoder (the same seed) and on raw pixels.
+
+Studies:
+    momentum     m in {0, 0.9, 0.99, 0.999, 0.9999} (paper Sec. 4.1: m=0 fails, 0.99-0.999 best)
+    queue        MoCo's K in {256, 1024, 4096, 16384} (paper Fig. 3: larger is better)
+    mechanisms   MoCo, memory bank and end-to-end at equal K and equal steps (paper Fig. 3)
+    shuffle_bn   shuffling BN on and off (paper Fig. 4: without it the pretext task is cheated)
+    v1_v2        v1 (linear head, T=0.07, v1 augmentation), + MLP head and T=0.2, + aug+ (MoCo v2, Table 1)
+
+A run is identified by its whole resolved config: finished runs (in results.csv) are kept, a run that was stopped
+continues from its last checkpoint, and a run of an older BASE or older defaults is measured again. A result counts as an effect
+only when the difference of the means exceeds the larger of the two points' seed ranges (max - min).
 """
 
+import hashlib
 import json
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 from moco import config as C
@@ -24,159 +34,281 @@ from moco.pipeline import pretrain
 
 from .provenance import command, commit, machine, read_rows, write_rows
 
-STUDIES = ("momentum", "mechanisms", "shuffle_bn", "heads")
+STUDIES = ("momentum", "queue", "mechanisms", "shuffle_bn", "v1_v2")
+# The main job's recipe, spelled out so that a later change of the cpu preset leaves these studies' runs valid: the
+# defaults (small CNN 16 wide, MLP head, K=4096, m=0.99, split BN in 8, batch 256, SGD lr 0.06 cosine, aug+) with
+# T=0.1, crops of at least 60%, jitter 0.8 and a visible blur.
+BASE = {"temperature": 0.1, "crop_min_scale": 0.6, "jitter_strength": 0.8, "blur_sigma": [0.1, 1.0]}
+TRAIN_IMAGES = 60000  # Fashion-MNIST's training set: every run uses all of it
+BASE_BATCH = 256  # the cpu preset's batch; end-to-end's larger batches get the same number of steps
 
 
 @dataclass(frozen=True)
-class Run:
+class Point:
+    """One setting of a study: BASE with `overrides`, run once per seed."""
+
     study: str
     name: str
     overrides: dict[str, Any]
 
 
-def plan(studies: tuple[str, ...] = STUDIES) -> list[Run]:
-    runs: list[Run] = []
+def equal_steps_epochs(epochs: int, batch: int) -> int:
+    """Epochs with `batch` that make as many optimizer steps as `epochs` with the preset's batch (rounded)."""
+    steps = epochs * (TRAIN_IMAGES // BASE_BATCH)
+    return max(1, round(steps / (TRAIN_IMAGES // batch)))
+
+
+def plan(studies: tuple[str, ...], epochs: int) -> list[Point]:
+    """The points of the chosen studies, in the order they run."""
+    points: list[Point] = []
     if "momentum" in studies:
-        runs += [Run("momentum", f"m={m}", {"key_momentum": m}) for m in (0.0, 0.9, 0.99, 0.999)]
+        points += [Point("momentum", f"m={m}", {"key_momentum": m}) for m in (0.0, 0.9, 0.99, 0.999, 0.9999)]
+    if "queue" in studies:
+        points += [Point("queue", f"K={K}", {"queue_size": K}) for K in (256, 1024, 4096, 16384)]
     if "mechanisms" in studies:
-        for K in (256, 1024, 4096, 16384):
-            runs.append(Run("mechanisms", f"moco K={K}", {"method": "moco", "queue_size": K}))
-            runs.append(Run("mechanisms", f"memory_bank K={K}", {"method": "memory_bank", "queue_size": K}))
-        for batch in (128, 256, 512, 1024):  # end-to-end: K = batch - 1
-            runs.append(Run("mechanisms", f"end_to_end K={batch - 1}",
-                            {"method": "end_to_end", "batch_size": batch}))
+        for K in (256, 1024):  # end-to-end's K is its batch minus one: 255 and 1023
+            points += [Point("mechanisms", f"moco K={K}", {"queue_size": K}),
+                       Point("mechanisms", f"memory_bank K={K}", {"method": "memory_bank", "queue_size": K}),
+                       Point("mechanisms", f"end_to_end K={K - 1}",
+                             {"method": "end_to_end", "batch_size": K, "epochs": equal_steps_epochs(epochs, K)})]
     if "shuffle_bn" in studies:
-        runs += [Run("shuffle_bn", f"shuffle_bn={on}", {"shuffle_bn": on}) for on in (True, False)]
-    if "heads" in studies:
-        runs.append(Run("heads", "v1: linear, T=0.07, aug v1", {"head": "linear", "temperature": 0.07,
-                                                                 "augment": "v1"}))
-        runs.append(Run("heads", "v2: mlp, T=0.2, aug+", {"head": "mlp", "temperature": 0.2, "augment": "v2"}))
-    return runs
+        for group, splits in ((32, 8), (8, 32)):  # BN groups of 32 images (the paper's per GPU) and of 8
+            points += [Point("shuffle_bn", f"shuffle, groups of {group}", {"bn_splits": splits}),
+                       Point("shuffle_bn", f"no shuffle, groups of {group}", {"bn_splits": splits, "shuffle_bn": False})]
+    if "v1_v2" in studies:
+        points += [Point("v1_v2", "v1: linear head, T=0.07, aug v1", {"head": "linear", "temperature": 0.07,
+                                                                       "augment": "v1"}),
+                   Point("v1_v2", "+ MLP head, T=0.2", {"head": "mlp", "temperature": 0.2, "augment": "v1"}),
+                   Point("v1_v2", "+ aug+ (v2)", {"head": "mlp", "temperature": 0.2, "augment": "v2"})]
+    return points
 
 
 def run_key(cfg: C.PretrainConfig) -> str:
-    """What a finished run is matched on: its whole resolved config but the folder it wrote to. A run
-    measured under an earlier CPU preset therefore does not count as done once the preset changes."""
+    """What a finished run is matched on: its whole resolved config but the folder it wrote to and its CPU threads. A
+    run measured under an earlier BASE (or earlier defaults) therefore does not count as done once they change."""
     settings = asdict(cfg)
-    del settings["run"]["out_dir"]
+    del settings["run"]["out_dir"], settings["run"]["threads"]
     return json.dumps(settings, sort_keys=True)
 
 
-def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = STUDIES, epochs: int = 3,
-           train_subset: int = 20000, seed: int = 0, echo=print) -> Path:
-    """Run the studies (skipping runs already in out_dir/results.csv) and write the table and plots."""
+def run_config(point: Point, seed: int, epochs: int, out: Path, threads: int | None = None) -> C.PretrainConfig:
+    """The point's config for one seed; its folder is named by the config, so a changed config never continues an
+    old run's checkpoint."""
+    base = {"epochs": epochs, "seed": seed, "threads": threads, "knn_every": 0, "tensorboard": False,
+            "progress": False}
+    cfg = C.apply_overrides(C.PretrainConfig(preset="ablation"), {**BASE, **base, **point.overrides})
+    digest = hashlib.sha1(run_key(cfg).encode()).hexdigest()[:10]
+    return C.apply_overrides(cfg, {"out_dir": str(out / "runs" / digest)})
+
+
+def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = STUDIES, epochs: int = 10,
+           seeds: tuple[int, ...] = (0, 1), threads: int | None = None, echo: Callable[[str], None] = print) -> Path:
+    """Run the studies' points with every seed (keeping finished runs), then write the tables, the claims and plots.
+
+    Two ablations may share an output folder (e.g. one thread each on a 2-core machine, with different studies or
+    seeds): each merges its results into the CSV as it was on disk just before writing."""
     unknown = set(studies) - set(STUDIES)
     if unknown:
         raise ConfigError(f"unknown studies {sorted(unknown)}; choose from {', '.join(STUDIES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    rows = {(r["study"], r["name"]): r for r in read_rows(csv_path)}
-    base = {"epochs": epochs, "train_subset": train_subset, "seed": seed, "knn_every": 0, "tensorboard": False,
-            "progress": False}
-    for i, run in enumerate(plan(studies)):
-        cfg = C.apply_overrides(C.preset("cpu"), {**base, **run.overrides, "out_dir": str(out / "runs" / slug(run))})
-        key = run_key(cfg)
-        curve_path = out / "curves" / f"{slug(run)}.jsonl"
-        if rows.get((run.study, run.name), {}).get("config") == key:
-            echo(f"[{i + 1}] {run.study}: {run.name}: done before, kept")
-            keep_curve(Path(cfg.run.out_dir), curve_path)
-            continue
-        echo(f"[{i + 1}] {run.study}: {run.name}")
-        tic = time.perf_counter()
-        result = pretrain(cfg, baselines=False, echo=lambda s: None)
-        keep_curve(Path(cfg.run.out_dir), curve_path)
-        curve = [json.loads(x) for x in curve_path.read_text().splitlines()]
-        rows[(run.study, run.name)] = {
-            "study": run.study, "name": run.name, "knn_top1": round(result.knn["top1"], 2),
-            "knn_top5": round(result.knn["top5"], 2), "final_loss": round(result.loss, 4),
-            "final_pretext_acc": round(next(r["acc"] for r in reversed(curve) if r["tag"] == "epoch"), 2),
-            "max_pretext_acc": round(max(r["acc"] for r in curve if r["tag"] == "train"), 2),
-            "minutes": round((time.perf_counter() - tic) / 60, 2), "commit": commit(), "config": key,
-        }
-        echo(f"    kNN top-1 {result.knn['top1']:.2f}%, loss {result.loss:.3f}")
-        write_rows(csv_path, list(rows.values()))  # after every run: an interrupted ablation keeps its results
-    header = {"commit of each run": ", ".join(sorted({r.get("commit") or "unknown" for r in rows.values()})),
-              "table written at commit": commit(), "machine": machine(), "command": command("ablate"),
-              "budget": f"{epochs} epochs on the first {train_subset} Fashion-MNIST training images, CPU preset"}
-    write_markdown(out / "results.md", list(rows.values()), header)
-    plot(out, list(rows.values()))
+    rows = {r["config"]: r for r in read_rows(csv_path)}
+    points = plan(studies, epochs)
+    for i, point in enumerate(points):
+        for seed in seeds:
+            cfg = run_config(point, seed, epochs, out, threads)
+            key = run_key(cfg)
+            label = f"[{i + 1}/{len(points)}] {point.study}: {point.name}, seed {seed}"
+            rows |= {r["config"]: r for r in read_rows(csv_path)}
+            if key in rows:
+                echo(f"{label}: done before, kept")
+                continue
+            echo(label)
+            r = measure(cfg, point, out)
+            echo(f"    kNN {r['knn_top1']}% (random encoder {r['random_encoder']}%), {r['minutes']} min")
+            rows = {x["config"]: x for x in read_rows(csv_path)} | {key: r}
+            write_rows(csv_path, list(rows.values()))  # after every run: an interrupted study keeps its results
+    keys = [(run_key(run_config(p, s, epochs, out)), p, s) for p in points for s in seeds]
+    table = [{**rows[k], "study": p.study, "name": p.name, "seed": s} for k, p, s in keys if k in rows]
+    header = {"commit of each run": ", ".join(sorted({r["commit"] for r in table})), "table written at commit": commit(),
+              "machine": machine(), "command": command("ablate"),
+              "budget": f"the main job's recipe for {epochs} epochs ({epochs * (TRAIN_IMAGES // BASE_BATCH)} steps of "
+                        f"{BASE_BATCH}) on all {TRAIN_IMAGES} Fashion-MNIST training images; end-to-end with a larger "
+                        f"batch for the same number of steps; seeds {', '.join(map(str, seeds))}"}
+    write_markdown(out / "results.md", table, header)
+    plot(out, table)
     return out / "results.md"
 
 
+def measure(cfg: C.PretrainConfig, point: Point, out: Path) -> dict[str, Any]:
+    """Train one run (continuing its checkpoint if it was stopped) and return its results row."""
+    run_dir = Path(cfg.run.out_dir)
+    tic = time.perf_counter()
+    result = pretrain(cfg, resume="auto", echo=lambda s: None)
+    if not result.baselines:  # stopped after its last epoch, before the baselines: measure it all again
+        shutil.rmtree(run_dir)
+        result = pretrain(cfg, echo=lambda s: None)
+    curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keep_curve(run_dir, out / "curves" / f"{run_dir.name}.jsonl")
+    epochs = [r for r in curve if r["tag"] == "epoch"]
+    return {"name": point.name, "seed": cfg.run.seed, "run": run_dir.name,
+            "knn_top1": round(result.knn["top1"], 2), "random_encoder": round(result.baselines["random encoder"]["top1"], 2),
+            "raw_pixels": round(result.baselines["raw pixels"]["top1"], 2), "final_loss": round(result.loss, 4),
+            "final_pretext_acc": round(epochs[-1]["acc"], 2),
+            "max_pretext_acc": round(max(r["acc"] for r in curve if r["tag"] == "train"), 2),
+            "steps": epochs[-1]["step"], "minutes": round((time.perf_counter() - tic) / 60, 2), "commit": commit(),
+            "config": run_key(cfg)}
+
+
 def keep_curve(run_dir: Path, curve_path: Path) -> None:
-    """Copy a run's metrics next to the results (the run folders, with their checkpoints, are not kept)."""
-    source = run_dir / "metrics.jsonl"
-    if source.is_file():
-        curve_path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(curve_path, source.read_text())
+    """Copy a run's metrics next to the results (the run folders, with their checkpoints, are not kept in git)."""
+    curve_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(curve_path, (run_dir / "metrics.jsonl").read_text())
 
 
-def slug(run: Run) -> str:
-    return f"{run.study}-{run.name}".replace(" ", "_").replace("=", "").replace(":", "").replace(",", "")
+# -- what the runs show ------------------------------------------------------------------------------------------
 
 
-def write_markdown(path: Path, rows: list[dict[str, Any]], header: dict[str, str]) -> None:
+@dataclass(frozen=True)
+class Stat:
+    """A point's kNN top-1 over its seeds."""
+
+    mean: float
+    spread: float  # max - min over the seeds
+    seeds: int
+    margin: float  # the smallest gain over the same seed's random encoder
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} ± {self.spread / 2:.2f}" if self.seeds > 1 else f"{self.mean:.2f} (1 seed)"
+
+
+def stats(rows: list[dict[str, Any]], column: str = "knn_top1") -> dict[str, Stat]:
+    """{point name: Stat} of the rows of one study."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["name"], []).append(r)
+    return {name: Stat(mean(float(r[column]) for r in rs), max(float(r[column]) for r in rs) -
+                       min(float(r[column]) for r in rs), len(rs),
+                       min(float(r["knn_top1"]) - float(r["random_encoder"]) for r in rs))
+            for name, rs in by.items()}
+
+
+def beats(a: Stat, b: Stat) -> bool:
+    """a is better than b by more than the seeds' spread (and both have at least 2 seeds)."""
+    return a.seeds > 1 and b.seeds > 1 and a.mean - b.mean > max(a.spread, b.spread)
+
+
+def verdict(ok: bool) -> str:
+    return "**shown**" if ok else "not shown"
+
+
+def claims(table: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(paper claim, paper's numbers, measured here, shown?) for every study with all its points measured."""
+    s = {study: stats([r for r in table if r["study"] == study]) for study in STUDIES}
+    out = []
+    m = s["momentum"]
+    if len(m) == 5:
+        top = max(m["m=0.99"], m["m=0.999"], key=lambda stat: stat.mean)
+        out.append(("a slowly moving key encoder: m=0 fails, accuracy rises up to m=0.99-0.999",
+                    "m=0 fails, 0.9: 55.2, 0.99: 57.8, 0.999: 59.0, 0.9999: 58.9",
+                    ", ".join(f"{n.removeprefix('m=')}: {v}" for n, v in m.items()),
+                    verdict(beats(top, m["m=0.9"]) and beats(top, m["m=0.0"]))))
+    q = s["queue"]
+    if len(q) == 4:
+        ok = beats(q["K=16384"], q["K=256"])
+        out.append(("a larger dictionary is better", "all three mechanisms improve as K grows (Fig. 3)",
+                    ", ".join(f"{n.removeprefix('K=')}: {v}" for n, v in q.items()) +
+                    f" (the largest K is {16384 / TRAIN_IMAGES:.0%} of the training set)", verdict(ok)))
+    mech = s["mechanisms"]
+    if len(mech) == 6:
+        pairs = [(mech[f"moco K={K}"], mech[f"memory_bank K={K}"], mech[f"end_to_end K={K - 1}"]) for K in (256, 1024)]
+        out.append(("at equal K, the memory bank is below MoCo", "2.6 points below at K=65536",
+                    "; ".join(f"K={K}: MoCo {mo}, memory bank {mb}" for K, (mo, mb, _) in zip((256, 1024), pairs)),
+                    verdict(all(beats(mo, mb) for mo, mb, _ in pairs))))
+        out.append(("at equal K, end-to-end is on par with MoCo (where it fits in memory)",
+                    "about equal up to K=1024",
+                    "; ".join(f"K={K}: MoCo {mo}, end-to-end {e2e}" for K, (mo, _, e2e) in zip((256, 1024), pairs)),
+                    verdict(not any(beats(mo, e2e) or beats(e2e, mo) for mo, _, e2e in pairs))))
+    sb = s["shuffle_bn"]
+    if len(sb) == 4:
+        pretext = stats([r for r in table if r["study"] == "shuffle_bn"], "final_pretext_acc")
+        shown, measured = False, []
+        for group in (32, 8):
+            on, off = f"shuffle, groups of {group}", f"no shuffle, groups of {group}"
+            shown |= beats(sb[on], sb[off]) and pretext[off].mean > pretext[on].mean
+            measured.append(f"groups of {group}: kNN {sb[on]} with shuffle, {sb[off]} without, final pretext "
+                            f"accuracy {pretext[on].mean:.1f}% vs {pretext[off].mean:.1f}%")
+        out.append(("without shuffling BN the pretext task is cheated: its accuracy races up, kNN falls",
+                    "pretext accuracy > 99.9% early, linear accuracy lower", "; ".join(measured), verdict(shown)))
+    v = s["v1_v2"]
+    if len(v) == 3:
+        v1, mlp, v2 = (v[n] for n in ("v1: linear head, T=0.07, aug v1", "+ MLP head, T=0.2", "+ aug+ (v2)"))
+        out.append(("MoCo v2: the MLP head gains", "60.6 -> 66.2 (+5.6, T=0.2)", f"{v1} -> {mlp}",
+                    verdict(beats(mlp, v1))))
+        out.append(("MoCo v2: aug+ (blur) gains on top", "66.2 -> 67.3 (+1.1; aug+ alone: 60.6 -> 63.4)", f"{mlp} -> {v2}",
+                    verdict(beats(v2, mlp))))
+    return out
+
+
+def write_markdown(path: Path, table: list[dict[str, Any]], header: dict[str, str]) -> None:
     lines = ["# Ablations (measured)", ""] + [f"- {k}: `{v}`" for k, v in header.items()] + [""]
+    lines += ["kNN top-1 (%) as mean ± half the range over the seeds. An effect is shown when the difference of the "
+              "means exceeds the larger of the two seed ranges.", "",
+              "| paper claim | paper (ImageNet, linear top-1) | measured here (kNN top-1) | shown? |", "|---|---|---|---|"]
+    lines += [f"| {c} | {p} | {m} | {v} |" for c, p, m, v in claims(table)]
+    lines += [""]
     for study in STUDIES:
-        selected = [r for r in rows if r["study"] == study]
+        selected = [r for r in table if r["study"] == study]
         if not selected:
             continue
-        lines += [f"## {study}", "", "| run | kNN top-1 | kNN top-5 | final loss | pretext acc (final / max) | minutes |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {float(r['knn_top1']):.2f} | {float(r['knn_top5']):.2f} | "
-                  f"{float(r['final_loss']):.3f} | {float(r['final_pretext_acc']):.1f} / "
-                  f"{float(r['max_pretext_acc']):.1f} | {float(r['minutes']):.1f} |" for r in selected]
+        s = stats(selected)
+        lines += [f"## {study}", "", "| point | kNN top-1 | per seed | random encoder | raw pixels | gain over random "
+                  "(min) | pretext acc, final | steps |", "|---|---|---|---|---|---|---|---|"]
+        for name, stat in s.items():
+            rs = [r for r in selected if r["name"] == name]
+            lines.append(f"| {name} | {stat} | {' / '.join(str(r['knn_top1']) for r in rs)} | "
+                         f"{' / '.join(str(r['random_encoder']) for r in rs)} | {rs[0]['raw_pixels']} | "
+                         f"{stat.margin:+.2f} | {' / '.join(str(r['final_pretext_acc']) for r in rs)} | "
+                         f"{rs[0]['steps']} |")
         lines += ["", f"![{study}]({study}.png)", ""]
     write_text(path, "\n".join(lines) + "\n")
 
 
-def plot(out: Path, rows: list[dict[str, Any]]) -> None:
+def plot(out: Path, table: list[dict[str, Any]]) -> None:
+    """One figure a study: kNN top-1 of every point (mean, seed range as error bars), with the random encoder and
+    raw pixels; for shuffle BN and v1/v2 also the pretext accuracy during training (first seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def knn(r):
-        return float(r["knn_top1"])
-
-    by = {s: [r for r in rows if r["study"] == s] for s in STUDIES}
-    if by["momentum"]:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        names = [r["name"] for r in by["momentum"]]
-        ax.bar(names, [knn(r) for r in by["momentum"]], color="tab:blue")
-        ax.set(title="Key-encoder momentum m (K=4096)", ylabel="kNN top-1 (%)",
-               ylim=(min(knn(r) for r in by["momentum"]) - 5, max(knn(r) for r in by["momentum"]) + 2))
-        fig.tight_layout()
-        fig.savefig(out / "momentum.png", dpi=120)
-        plt.close(fig)
-    if by["mechanisms"]:
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        for mech, style in (("moco", "o-"), ("memory_bank", "s--"), ("end_to_end", "^:")):
-            pts = sorted((int(r["name"].split("K=")[1]), knn(r)) for r in by["mechanisms"] if r["name"].startswith(mech))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=mech)
-        ax.set_xscale("log", base=2)
-        ax.set(title="Three mechanisms across K", xlabel="K (negatives)", ylabel="kNN top-1 (%)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "mechanisms.png", dpi=120)
-        plt.close(fig)
-    for study in ("shuffle_bn", "heads"):
-        if not by[study]:
+    for study in STUDIES:
+        selected = [r for r in table if r["study"] == study]
+        if not selected:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        for r in by[study]:
-            path = out / "curves" / f"{slug(Run(r['study'], r['name'], {}))}.jsonl"
-            curve = [json.loads(x) for x in path.read_text().splitlines() if '"train"' in x] if path.is_file() else []
-            axes[0].plot([c["step"] for c in curve], [c["acc"] for c in curve], label=r["name"])
-        axes[0].set(title="pretext (K+1)-way accuracy", xlabel="step", ylabel="%")
-        axes[0].legend(fontsize=8)
-        axes[1].bar([r["name"] for r in by[study]], [knn(r) for r in by[study]], color="tab:green")
-        axes[1].set(title="kNN top-1 on the test set", ylabel="%",
-                    ylim=(min(knn(r) for r in by[study]) - 5, max(knn(r) for r in by[study]) + 2))
-        axes[1].tick_params(axis="x", labelsize=8)
+        s = stats(selected)
+        curves = study in ("shuffle_bn", "v1_v2")
+        fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(10 if curves else 6, 3.8), squeeze=False)
+        ax = axes[0][0]
+        names = list(s)
+        ax.errorbar(range(len(names)), [s[n].mean for n in names], yerr=[s[n].spread / 2 for n in names], fmt="o",
+                    capsize=4, label="MoCo (mean, seed range)")
+        ax.axhline(mean(float(r["random_encoder"]) for r in selected), color="gray", ls="--", label="random encoder")
+        ax.axhline(float(selected[0]["raw_pixels"]), color="gray", ls=":", label="raw pixels")
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set(title=study, ylabel="kNN top-1 (%)")
+        ax.legend(fontsize=7)
+        if curves:
+            first = min(int(r["seed"]) for r in selected)
+            for r in selected:
+                path = out / "curves" / f"{r['run']}.jsonl"
+                if int(r["seed"]) != first or not path.is_file():
+                    continue
+                train = [json.loads(x) for x in path.read_text().splitlines() if '"train"' in x]
+                axes[0][1].plot([c["step"] for c in train], [c["acc"] for c in train], label=r["name"])
+            axes[0][1].set(title="pretext (K+1)-way accuracy, first seed", xlabel="step", ylabel="%")
+            axes[0][1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{study}.png", dpi=120)
         plt.close(fig)
-

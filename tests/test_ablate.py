@@ -1,4 +1,4 @@
-"""`python -m benchmarks ablate` keeps a finished run only while its whole config is unchanged."""
+"""`python -m benchmarks ablate`: which runs it makes (and keeps), and how it decides that a claim is shown."""
 
 import json
 from pathlib import Path
@@ -15,36 +15,97 @@ def trained(monkeypatch: pytest.MonkeyPatch) -> list[C.PretrainConfig]:
     """Replace pretraining by a stand-in that records its configs and writes a one-epoch metrics file."""
     calls: list[C.PretrainConfig] = []
 
-    def fake_pretrain(cfg: C.PretrainConfig, baselines: bool, echo) -> SimpleNamespace:
+    def fake_pretrain(cfg: C.PretrainConfig, resume=None, echo=None) -> SimpleNamespace:
         calls.append(cfg)
         run = Path(cfg.run.out_dir)
         run.mkdir(parents=True, exist_ok=True)
-        rows = [{"tag": "train", "step": 1, "acc": 50.0}, {"tag": "epoch", "epoch": 1, "acc": 40.0}]
+        rows = [{"tag": "train", "step": 1, "acc": 50.0}, {"tag": "epoch", "epoch": 1, "step": 234, "acc": 40.0}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return SimpleNamespace(knn={"top1": 70.0 + len(calls), "top5": 99.0}, loss=5.0)
+        return SimpleNamespace(knn={"top1": 80.0 + len(calls), "top5": 99.0}, loss=5.0,
+                               baselines={"random encoder": {"top1": 75.0}, "raw pixels": {"top1": 78.9}})
 
     monkeypatch.setattr(A, "pretrain", fake_pretrain)
     return calls
 
 
-def test_finished_runs_are_kept_until_the_preset_changes(tmp_path: Path, trained, monkeypatch) -> None:
-    A.ablate(tmp_path, studies=("shuffle_bn",), echo=lambda s: None)
-    assert [c.model.shuffle_bn for c in trained] == [True, False]
+def test_every_point_runs_with_every_seed_and_finished_runs_are_kept(tmp_path: Path, trained, monkeypatch) -> None:
+    A.ablate(tmp_path, studies=("v1_v2",), seeds=(0, 1), echo=lambda s: None)
+    assert [(c.model.head, c.data.augment, c.run.seed) for c in trained] == [
+        ("linear", "v1", 0), ("linear", "v1", 1), ("mlp", "v1", 0), ("mlp", "v1", 1), ("mlp", "v2", 0), ("mlp", "v2", 1)]
     rows = A.read_rows(tmp_path / "results.csv")
-    assert [r["knn_top1"] for r in rows] == ["71.0", "72.0"]
+    assert [r["knn_top1"] for r in rows] == ["81.0", "82.0", "83.0", "84.0", "85.0", "86.0"]
+    assert {r["random_encoder"] for r in rows} == {"75.0"}
 
-    A.ablate(tmp_path, studies=("shuffle_bn",), echo=lambda s: None)
-    assert len(trained) == 2  # both kept
+    A.ablate(tmp_path, studies=("v1_v2",), seeds=(0, 1), echo=lambda s: None)
+    assert len(trained) == 6  # all kept
 
-    cpu = {**C.PRESETS["cpu"], "model": {**C.PRESETS["cpu"].get("model", {}), "temperature": 0.3}}
-    monkeypatch.setitem(C.PRESETS, "cpu", cpu)
-    A.ablate(tmp_path, studies=("shuffle_bn",), echo=lambda s: None)
-    assert len(trained) == 4 and trained[-1].model.temperature == 0.3  # measured again under the new preset
-    assert [r["knn_top1"] for r in A.read_rows(tmp_path / "results.csv")] == ["73.0", "74.0"]
+    monkeypatch.setattr(A, "BASE", {**A.BASE, "jitter_strength": 0.3})
+    A.ablate(tmp_path, studies=("v1_v2",), seeds=(0,), echo=lambda s: None)
+    assert len(trained) == 9 and trained[-1].data.jitter_strength == 0.3  # measured again under the new recipe
 
 
-def test_run_key_ignores_only_the_output_folder() -> None:
-    a = C.apply_overrides(C.preset("cpu"), {"out_dir": "x"})
-    b = C.apply_overrides(C.preset("cpu"), {"out_dir": "y"})
-    c = C.apply_overrides(C.preset("cpu"), {"out_dir": "x", "crop_min_scale": 0.2})
-    assert A.run_key(a) == A.run_key(b) != A.run_key(c)
+def test_the_base_is_the_main_jobs_recipe_at_the_time() -> None:
+    cfg = A.run_config(A.Point("x", "y", {}), 0, 10, Path("out"))
+    assert (cfg.model.temperature, cfg.data.crop_min_scale, cfg.data.blur_sigma) == (0.1, 0.6, [0.1, 1.0])
+    assert (cfg.model.queue_size, cfg.model.key_momentum, cfg.optim.epochs) == (4096, 0.99, 10)
+
+
+def test_a_run_shared_by_two_studies_is_made_once(tmp_path: Path, trained) -> None:
+    A.ablate(tmp_path, studies=("momentum", "queue"), seeds=(0,), echo=lambda s: None)
+    # m=0.99 with K=4096 is the preset itself, a point of both studies
+    assert len(trained) == 5 + 4 - 1
+    table = (tmp_path / "results.md").read_text()
+    assert "| m=0.99 |" in table and "| K=4096 |" in table
+
+
+def test_stopped_runs_continue_and_runs_of_another_config_do_not(tmp_path: Path, monkeypatch) -> None:
+    seen = []
+
+    def fake_pretrain(cfg, resume=None, echo=None):
+        seen.append((Path(cfg.run.out_dir).name, resume))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(A, "pretrain", fake_pretrain)
+    with pytest.raises(KeyboardInterrupt):
+        A.ablate(tmp_path, studies=("v1_v2",), seeds=(0,), echo=lambda s: None)
+    cfg = A.run_config(A.plan(("v1_v2",), 10)[0], 0, 10, tmp_path)
+    other = A.run_config(A.Point("shuffle_bn", "x", {"shuffle_bn": False}), 0, 10, tmp_path)
+    assert seen == [(Path(cfg.run.out_dir).name, "auto")]  # continues its own folder's checkpoint if there is one
+    assert cfg.run.out_dir != other.run.out_dir
+
+
+def test_end_to_end_trains_as_many_steps_as_moco() -> None:
+    # 10 epochs of 234 steps (60000 // 256) = 2340 steps; a batch of 1024 makes 58 steps an epoch: 2340 / 58 = 40.3
+    assert A.equal_steps_epochs(10, 1024) == 40
+    assert A.equal_steps_epochs(10, 256) == 10
+    e2e = [p for p in A.plan(("mechanisms",), 10) if p.name == "end_to_end K=1023"][0]
+    assert e2e.overrides == {"method": "end_to_end", "batch_size": 1024, "epochs": 40}
+
+
+def row(study: str, name: str, seed: int, knn: float, pretext: float = 20.0) -> dict:
+    return {"study": study, "name": name, "seed": seed, "knn_top1": knn, "random_encoder": 75.0,
+            "final_pretext_acc": pretext}
+
+
+def test_an_effect_is_shown_only_beyond_the_seed_spread() -> None:
+    s = A.stats([row("queue", "a", 0, 84.0), row("queue", "a", 1, 84.6), row("queue", "b", 0, 83.0),
+                 row("queue", "b", 1, 83.2)])
+    assert s["a"].mean == pytest.approx(84.3) and s["a"].spread == pytest.approx(0.6)
+    assert s["a"].margin == pytest.approx(9.0)  # 84.0 - 75.0, the worse seed
+    assert A.beats(s["a"], s["b"])  # 1.1 apart, spreads 0.6 and 0.2
+    s = A.stats([row("queue", "a", 0, 84.0), row("queue", "a", 1, 85.2), row("queue", "b", 0, 83.6),
+                 row("queue", "b", 1, 83.8)])
+    assert not A.beats(s["a"], s["b"])  # 0.9 apart, but the seeds of a differ by 1.2
+    one_seed = A.stats([row("queue", "a", 0, 90.0), row("queue", "b", 0, 80.0)])
+    assert not A.beats(one_seed["a"], one_seed["b"])  # no spread to compare with
+
+
+def test_claims_are_judged_from_the_means_and_spreads() -> None:
+    knn = {"m=0.0": 60.0, "m=0.9": 82.0, "m=0.99": 84.0, "m=0.999": 83.5, "m=0.9999": 80.0}
+    table = [row("momentum", n, seed, v + 0.2 * seed) for n, v in knn.items() for seed in (0, 1)]
+    for group in (32, 8):  # without the shuffle: higher pretext accuracy, but kNN no lower
+        table += [row("shuffle_bn", f"shuffle, groups of {group}", seed, 84.0 + 0.1 * seed, 30.0) for seed in (0, 1)]
+        table += [row("shuffle_bn", f"no shuffle, groups of {group}", seed, 84.1 + 0.1 * seed, 35.0) for seed in (0, 1)]
+    verdicts = {claim.split(":")[0]: shown for claim, _, _, shown in A.claims(table)}
+    assert verdicts == {"a slowly moving key encoder": "**shown**",
+                        "without shuffling BN the pretext task is cheated": "not shown"}
