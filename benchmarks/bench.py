@@ -57,14 +57,14 @@ from moco.train.setup import check_pretrain_config
 from .provenance import commit, machine_info
 from .reference import reference_model, train_reference
 
-MODES = ("throughput", "time-to-accuracy")
+MODES = ("throughput", "time-to-accuracy", "per-epoch")
 
 
 @dataclass
 class BenchSettings:
     """What `python -m benchmarks bench` measures; stored with every result."""
 
-    mode: str = opt("throughput", "throughput | time-to-accuracy")
+    mode: str = opt("throughput", "throughput | time-to-accuracy | per-epoch")
     preset: str = opt("cpu", "the pretraining recipe both implementations run")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     batch_size: int | None = opt(None, "images per step (default: the preset's)")
@@ -78,6 +78,7 @@ class BenchSettings:
     profile: bool = opt(False, "also list the top operators of the library's step")
     minutes: float = opt(10.0, "time-to-accuracy: training budget of each implementation")
     every: float = opt(60.0, "time-to-accuracy: seconds of training between kNN evaluations")
+    epochs: int | None = opt(None, "per-epoch: epochs of both runs' schedule, kNN after each (none: the preset's)")
     seed: int = opt(0, "seed of both runs")
     overrides: dict[str, str] = field(default_factory=dict)  # config fields changed from the preset's (--set)
 
@@ -100,6 +101,8 @@ class BenchSettings:
         keys = ["preset", "device", "batch_size", "threads", "train_subset", "workers", "reference"]
         if self.mode == "time-to-accuracy":
             keys += ["minutes", "every"]
+        if self.mode == "per-epoch":
+            keys.append("epochs")
         if self.overrides:
             keys.append("overrides")
         return {k: getattr(self, k) for k in keys}
@@ -115,6 +118,8 @@ class BenchSettings:
                 args += [flag, value]
         if self.mode == "time-to-accuracy":
             args += ["--minutes", self.minutes, "--every", self.every]
+        if self.mode == "per-epoch" and self.epochs is not None:
+            args += ["--epochs", self.epochs]
         for name, value in self.overrides.items():
             args += ["--set", f"{name}={value}"]
         if not self.reference:
@@ -415,6 +420,78 @@ def curve_summary(points: list[dict[str, Any]]) -> str:
                      for p in points)
 
 
+def knn_scoring(probe: C.PretrainConfig, device: torch.device, echo: Callable[[str], None],
+                ) -> tuple[TrainingData, dict[str, Any], Callable[[nn.Module], dict[str, float]]]:
+    """The training data, a result holding the raw pixels' scores, and the evaluation both implementations get:
+    every KNN_PROTOCOLS entry on the query backbone's features of the training (bank) and test images."""
+    data = load_training_data(probe.data)
+    train, test = data.train, data.test
+    transform = EvalTransform(data.size, data.mean, data.std).to(device)
+    pixels = knn_protocols((pixel_features(train.images), train.labels), (pixel_features(test.images), test.labels))
+    plain = plain_knn_accuracy(train.images / 255.0, train.labels, test.images / 255.0, test.labels, k=5)
+    echo("raw pixels: " + ", ".join(f"{n} {v:.2f}%" for n, v in pixels.items())
+         + f", textbook 5-NN (Euclidean) {plain:.2f}%")
+    result: dict[str, Any] = {"raw_pixels": {**{n: round(v, 2) for n, v in pixels.items()},
+                                             "plain_5nn_top1": round(plain, 2)},
+                              "knn_protocols": [{"name": n, "k": k, "t": t} for n, k, t in KNN_PROTOCOLS]}
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        backbone = model.encoder_q.backbone
+        features = [extract_features(backbone, x.images, transform, device, channels_last=probe.run.channels_last)
+                    for x in (train, test)]
+        return knn_protocols((features[0], train.labels), (features[1], test.labels))
+
+    return data, result, evaluate
+
+
+class EveryEpoch:
+    """on_step hook: the evaluation's scores after the last step of every epoch."""
+
+    def __init__(self, evaluate: Callable[[nn.Module], dict[str, float]], steps_per_epoch: int) -> None:
+        self.evaluate, self.steps_per_epoch = evaluate, steps_per_epoch
+        self.points: list[dict[str, float]] = []
+
+    def __call__(self, step: int, model: nn.Module) -> bool:
+        if step % self.steps_per_epoch == 0:
+            scores = self.evaluate(model)
+            self.points.append({"epoch": step // self.steps_per_epoch, "step": step,
+                                **{name: round(value, 2) for name, value in scores.items()}})
+        return False
+
+
+def per_epoch(s: BenchSettings, device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
+    """kNN top-1 after every epoch of the same schedule (s.epochs, or the preset's), for ours and the reference.
+
+    Both train on the same images with the same recipe and seed, each with its own augmentation, loss, momentum
+    update and learning-rate schedule (ours per step, the reference's per epoch, as the official code); the
+    evaluation is the same function. This compares what an epoch of each teaches, whatever its speed.
+    """
+    probe = bench_config(s, "", 1)
+    epochs = s.epochs or C.apply_overrides(C.preset(s.preset), s.overrides).optim.epochs
+    data, result, evaluate = knn_scoring(probe, device, echo)
+    steps_per_epoch = len(data.train) // probe.data.batch_size
+    result["epochs"] = epochs
+    if s.reference:
+        seed_everything(s.seed)
+        hook = EveryEpoch(evaluate, steps_per_epoch)
+        tic = time.perf_counter()
+        train_reference(probe, data.train.images, data.size, data.mean, data.std, device, s.workers, hook, epochs)
+        result["reference"] = {"curve": hook.points, "minutes": round((time.perf_counter() - tic) / 60, 2)}
+        echo("reference: " + epoch_summary(hook.points))
+    with tempfile.TemporaryDirectory(prefix="moco-bench-") as tmp:
+        hook = EveryEpoch(evaluate, steps_per_epoch)
+        tic = time.perf_counter()
+        pretrain(bench_config(s, tmp, epochs), baselines=False, echo=lambda _: None, on_step=hook)
+        result["ours"] = {"curve": hook.points, "minutes": round((time.perf_counter() - tic) / 60, 2)}
+    echo("ours: " + epoch_summary(result["ours"]["curve"]))
+    return result
+
+
+def epoch_summary(points: list[dict[str, Any]]) -> str:
+    """"epoch 1 80.12%, epoch 2 ...": kNN k=200 after every epoch."""
+    return ", ".join(f"epoch {p['epoch']} {p['knn_top1']:.2f}%" for p in points)
+
+
 def time_to_accuracy(s: BenchSettings, device: torch.device, echo: Callable[[str], None]) -> dict[str, Any]:
     """kNN top-1 against training time within s.minutes, for ours and the reference, plus raw pixels.
 
@@ -427,25 +504,10 @@ def time_to_accuracy(s: BenchSettings, device: torch.device, echo: Callable[[str
     unnormalised pixels, majority of 5).
     """
     probe = bench_config(s, "", 1)
-    data = load_training_data(probe.data)
-    train, test = data.train, data.test
-    transform = EvalTransform(data.size, data.mean, data.std).to(device)
-    pixels = knn_protocols((pixel_features(train.images), train.labels), (pixel_features(test.images), test.labels))
-    plain = plain_knn_accuracy(train.images / 255.0, train.labels, test.images / 255.0, test.labels, k=5)
-    echo("raw pixels: " + ", ".join(f"{n} {v:.2f}%" for n, v in pixels.items())
-         + f", textbook 5-NN (Euclidean) {plain:.2f}%")
-    batch, n_train = probe.data.batch_size, len(train)
+    data, result, evaluate = knn_scoring(probe, device, echo)
+    batch, n_train = probe.data.batch_size, len(data.train)
     budget = 60 * s.minutes
-    result: dict[str, Any] = {"raw_pixels": {**{n: round(v, 2) for n, v in pixels.items()},
-                                             "plain_5nn_top1": round(plain, 2)},
-                              "knn_protocols": [{"name": n, "k": k, "t": t} for n, k, t in KNN_PROTOCOLS],
-                              "budget_minutes": s.minutes}
-
-    def evaluate(model: nn.Module) -> dict[str, float]:  # the same evaluation for both implementations
-        backbone = model.encoder_q.backbone
-        features = [extract_features(backbone, x.images, transform, device, channels_last=probe.run.channels_last)
-                    for x in (train, test)]
-        return knn_protocols((features[0], train.labels), (features[1], test.labels))
+    result["budget_minutes"] = s.minutes
 
     def planned_epochs(img_s: float) -> int:
         return max(1, math.ceil(budget * img_s / (n_train // batch * batch)))
@@ -501,7 +563,8 @@ def table_path(out: Path) -> Path:
 
 
 def plot_curve(path: Path, entry: dict[str, Any]) -> None:
-    """kNN top-1 against training minutes, ours and the reference, with the raw-pixel levels: a panel a protocol."""
+    """kNN top-1 against training minutes (per-epoch mode: epochs), ours and the reference, with the raw-pixel levels:
+    a panel a protocol."""
     require("matplotlib", "the benchmark (its plots)")
     import matplotlib
 
@@ -510,21 +573,22 @@ def plot_curve(path: Path, entry: dict[str, Any]) -> None:
 
     r = entry["result"]
     protocols = r["knn_protocols"]
+    x = "epoch" if entry["mode"] == "per-epoch" else "minutes"
     fig, axes = plt.subplots(1, len(protocols), figsize=(5 * len(protocols), 4), squeeze=False)
     for ax, protocol in zip(axes[0], protocols):
         name = protocol["name"]
         for impl, style in (("ours", "o-"), ("reference", "s--")):
             if impl in r:
                 curve = r[impl]["curve"]
-                ax.plot([p["minutes"] for p in curve], [p[name] for p in curve], style, label=impl)
+                ax.plot([p[x] for p in curve], [p[name] for p in curve], style, label=impl)
         ax.axhline(r["raw_pixels"][name], color="gray", linestyle=":", label="raw pixels, same kNN")
         ax.axhline(r["raw_pixels"]["plain_5nn_top1"], color="gray", linestyle="-.", label="raw pixels, textbook 5-NN")
         title = (f"weighted kNN k={protocol['k']}, t={protocol['t']}" if protocol["t"] is not None
                  else f"majority of the {protocol['k']} nearest (cosine)")
-        ax.set(title=title, xlabel="training minutes (evaluation excluded)",
+        ax.set(title=title, xlabel="epoch" if x == "epoch" else "training minutes (evaluation excluded)",
                ylabel="top-1 (%)")
         ax.legend()
-    fig.suptitle(f"Time to accuracy ({entry['machine']['slug']})")
+    fig.suptitle(f"{'Accuracy per epoch' if x == 'epoch' else 'Time to accuracy'} ({entry['machine']['slug']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -559,6 +623,7 @@ def write_table(out: Path) -> Path:
     entries = sorted((e for p in sorted(out.glob("*.json")) for e in read_results(p)), key=lambda e: e["date"])
     runs = [e for e in entries if e["mode"] == "throughput"]
     curves = [e for e in entries if e["mode"] == "time-to-accuracy"]
+    epoch_curves = [e for e in entries if e["mode"] == "per-epoch"]
     title = "Benchmarks" if out.name == "benchmarks" else f"Benchmark runs: {out.name}"
     lines = [f"# {title}", "",
              f"Generated by `python -m benchmarks bench` from the results files in `{out.name}/`; rerun it (or edit those files), "
@@ -635,12 +700,42 @@ def write_table(out: Path) -> Path:
                              if i < len(curve) else "")
             lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
         lines += ["", f"![time to accuracy]({out.name}/{e['plot']})"]
+    lines += epoch_table(epoch_curves, out.name)
     from .data_path import table as data_table
 
     lines += data_table([e for e in entries if e["mode"] == "data"], machine_name)
     path = table_path(out)
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def epoch_table(entries: list[dict[str, Any]], folder: str) -> list[str]:
+    """The per-epoch section: kNN after every epoch of the same schedule, ours and the reference side by side."""
+    if not entries:
+        return []
+    lines = ["", "## Accuracy per epoch", "",
+             "kNN top-1 on the 10,000 test images after every epoch, ours and the reference trained with the same "
+             "recipe, schedule length and seed, each with its own augmentation, loss and momentum code; the "
+             "evaluation is the same function (the protocols of the time-to-accuracy section)."]
+    for e in entries:
+        r = e["result"]
+        protocols = r["knn_protocols"]
+        names = [n for n in ("ours", "reference") if n in r]
+        lines += ["", f"### {machine_name(e['machine'])}, {recipe(e['settings'])}, {r['epochs']} epochs, "
+                  f"{e['date'][:10]} (`{e['commit']}`)", "",
+                  " ".join(f"{n}: {r[n]['minutes']:.1f} minutes in all, evaluation included." for n in names)
+                  + f" Command: `{e['command']}`", "",
+                  "| epoch | " + " | ".join(f"{n}: " + " / ".join(protocol_label(p) for p in protocols)
+                                          for n in names) + (" | ours - reference, k=200 |" if len(names) == 2 else " |"),
+                  "|---|" + "---|" * (len(names) + (len(names) == 2))]
+        for i, point in enumerate(r["ours"]["curve"]):
+            cells = [" / ".join(f"{r[n]['curve'][i][p['name']]:.2f}" for p in protocols)
+                     if i < len(r[n]["curve"]) else "" for n in names]
+            if len(names) == 2 and i < len(r["reference"]["curve"]):
+                cells.append(f"{point['knn_top1'] - r['reference']['curve'][i]['knn_top1']:+.2f}")
+            lines.append(f"| {point['epoch']} | " + " | ".join(cells) + " |")
+        lines += ["", f"![accuracy per epoch]({folder}/{e['plot']})"]
+    return lines
 
 
 def bench(s: BenchSettings, out: str | Path = "docs/benchmarks", echo: Callable[[str], None] = print) -> Path:
@@ -657,17 +752,19 @@ def bench(s: BenchSettings, out: str | Path = "docs/benchmarks", echo: Callable[
     if load[0] > 0.5 * (os.cpu_count() or 1):
         echo("  (the machine is busy: figures will be low and noisy)")
     tic = time.perf_counter()
-    result = (throughput if s.mode == "throughput" else time_to_accuracy)(s, device, echo)
+    result = {"throughput": throughput, "time-to-accuracy": time_to_accuracy, "per-epoch": per_epoch}[s.mode](
+        s, device, echo)
     entry = {"mode": s.mode, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
              "command": s.command(), "machine": machine_info(device),
              "load_1min": [round(load[0], 2), round(os.getloadavg()[0], 2)],
              "seconds": round(time.perf_counter() - tic, 1), "batch_size": bench_config(s, "", 1).data.batch_size,
              "setup": s.setup(), "settings": asdict(s), "result": result}
-    if s.mode == "time-to-accuracy":
+    if s.mode != "throughput":
         # One file per setup: "-v3-cpu" for another preset, "-width-24" for --set width=24, "-ours" alone.
         variant = ("" if s.preset == C.DEFAULT_PRESET else f"-{s.preset}")
         variant += "".join(f"-{k}-{v}" for k, v in s.overrides.items()) + ("" if s.reference else "-ours")
-        name = f"{s.mode}-{entry['machine']['slug']}-{s.minutes:g}min{variant}"
+        length = f"{s.minutes:g}min" if s.mode == "time-to-accuracy" else f"{result['epochs']}ep"
+        name = f"{s.mode}-{entry['machine']['slug']}-{length}{variant}"
         entry["plot"] = re.sub(r"[^A-Za-z0-9._-]+", "-", name) + ".png"
         plot_curve(out / entry["plot"], entry)
     path = save_result(out, entry)

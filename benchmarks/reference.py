@@ -84,12 +84,13 @@ class TwoCropsTransform:
 
 def reference_transform(
     augment: str, size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.2,
-    jitter_strength: float = 0.4,
+    jitter_strength: float = 0.4, blur_sigma: Sequence[float] | None = None,
 ) -> transforms.Compose:
     """The official per-image pipeline of an augmentation preset (v2 is "aug+").
 
     The strengths are the library presets' (see `moco.data.augment.build_augment`); the blur's sigma
-    range is MoCo v2's [0.1, 2] for 224 px scaled to `size`, as the library scales it.
+    range is `blur_sigma` (pixels) or, by default, MoCo v2's [0.1, 2] for 224 px scaled to `size`, as the
+    library scales it.
     """
     crop = transforms.RandomResizedCrop(size, scale=(min_scale, 1.0))
     j = jitter_strength
@@ -99,7 +100,7 @@ def reference_transform(
             crop,
             transforms.RandomApply([transforms.ColorJitter(j, j, j, 0.1)], p=0.8),
             transforms.RandomGrayscale(p=0.2),
-            transforms.RandomApply([GaussianBlur(default_blur_sigma(size))], p=0.5),
+            transforms.RandomApply([GaussianBlur(tuple(blur_sigma or default_blur_sigma(size)))], p=0.5),
             transforms.RandomHorizontalFlip(),
         ]
     elif augment == "v1":
@@ -210,7 +211,8 @@ def reference_loader(
     the reference pays for augmentation, not for process start-up.
     """
     d = cfg.data
-    transform = TwoCropsTransform(reference_transform(d.augment, size, mean, std, d.crop_min_scale, d.jitter_strength))
+    transform = TwoCropsTransform(reference_transform(d.augment, size, mean, std, d.crop_min_scale, d.jitter_strength,
+                                                      d.blur_sigma))
     return DataLoader(PILImages(images, transform), batch_size=d.batch_size, shuffle=True, num_workers=workers,
                       pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0)
 

@@ -109,3 +109,19 @@ def test_claims_are_judged_from_the_means_and_spreads() -> None:
     verdicts = {claim.split(":")[0]: shown for claim, _, _, shown in A.claims(table)}
     assert verdicts == {"a slowly moving key encoder": "**shown**",
                         "without shuffling BN the pretext task is cheated": "not shown"}
+
+
+def test_the_queue_mechanism_and_v2_claims() -> None:
+    table = [row("queue", f"K={K}", seed, v + 0.1 * seed)
+             for K, v in ((256, 83.0), (1024, 83.2), (4096, 83.4), (16384, 83.3)) for seed in (0, 1)]
+    for K, moco, bank, e2e in ((256, 83.0, 80.0, 83.1), (1024, 83.2, 80.5, 84.5)):
+        table += [row("mechanisms", n, seed, v + 0.1 * seed) for n, v in
+                  ((f"moco K={K}", moco), (f"memory_bank K={K}", bank), (f"end_to_end K={K - 1}", e2e))
+                  for seed in (0, 1)]
+    table += [row("v1_v2", n, seed, v + 0.1 * seed) for n, v in (("v1: linear head, T=0.07, aug v1", 80.0),
+                                                                  ("+ MLP head, T=0.2", 83.0), ("+ aug+ (v2)", 83.05))
+              for seed in (0, 1)]
+    verdicts = [shown for _, _, _, shown in A.claims(table)]
+    # K=16384 is 0.3 above K=256, with seed ranges of 0.1: shown. The memory bank is 3 below MoCo at both K: shown.
+    # End-to-end is 1.3 above MoCo at K=1023: not "on par". The MLP head gains 3: shown; aug+ 0.05: not.
+    assert verdicts == ["**shown**", "**shown**", "not shown", "**shown**", "not shown"]

@@ -427,6 +427,18 @@ def test_jitter_strength_sets_brightness_contrast_saturation(preset: str, hue: f
     assert tuple(jitter.hue) == pytest.approx((-hue, hue))
 
 
+def test_the_reference_blurs_with_the_sigma_range_given() -> None:
+    from benchmarks.reference import GaussianBlur, reference_transform
+
+    def sigma(**kwargs) -> tuple:
+        (blur,) = [t for t in _flatten(reference_transform("v2", 28, [0.5], [0.2], **kwargs).transforms)
+                   if isinstance(t, GaussianBlur)]
+        return tuple(blur.sigma)
+
+    assert sigma() == pytest.approx((0.1 * 28 / 224, 2.0 * 28 / 224))  # MoCo v2's, scaled to the size
+    assert sigma(blur_sigma=[0.1, 1.0]) == pytest.approx((0.1, 1.0))  # as --blur-sigma gives it
+
+
 def _flatten(ops: list) -> list:
     """The transforms of a torchvision pipeline, RandomApply's included."""
     return [t for op in ops for t in (_flatten(op.transforms) if hasattr(op, "transforms") else [op])]

@@ -211,6 +211,27 @@ def test_cli_time_to_accuracy_run_records_curves_for_both(tmp_path):
     assert "ours: minutes, step, k=200 / k=20 / 5-NN |" in table
 
 
+def test_cli_per_epoch_run_scores_both_after_every_epoch(tmp_path):
+    """Two epochs of the same schedule: a kNN point after each for both implementations, and their difference."""
+    if not FMNIST.is_dir():
+        pytest.skip(f"{FMNIST} absent (apt-get install dataset-fashion-mnist)")
+    out = tmp_path / "benchmarks"
+    code = main(["bench", "--mode", "per-epoch", "--preset", "smoke", "--train-subset", "1024", "--epochs", "2",
+                 "--workers", "1", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    (path,) = out.glob("per-epoch-*.json")
+    (entry,) = json.loads(path.read_text())["entries"]
+    r = entry["result"]
+    assert r["epochs"] == 2 and "--epochs 2" in entry["command"]
+    for impl in ("ours", "reference"):  # 1024 // 64 = 16 steps an epoch
+        assert [(p["epoch"], p["step"]) for p in r[impl]["curve"]] == [(1, 16), (2, 32)]
+        assert all(10 < p["knn_top1"] <= 100 for p in r[impl]["curve"])
+    assert (out / entry["plot"]).is_file() and entry["plot"].startswith("per-epoch-")
+    table = B.table_path(out).read_text()
+    gap = r["ours"]["curve"][1]["knn_top1"] - r["reference"]["curve"][1]["knn_top1"]
+    assert "## Accuracy per epoch" in table and f"| {gap:+.2f} |" in table
+
+
 def test_set_changes_the_recipe_and_a_bad_field_is_named(tmp_path, capsys):
     s = B.BenchSettings(preset="smoke", overrides={"width": "4", "queue_size": "128"})
     cfg = B.bench_config(s, str(tmp_path), 1)
