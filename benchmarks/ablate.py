@@ -91,6 +91,12 @@ def run_key(cfg: C.PretrainConfig) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
+def finished(csv_path: Path) -> dict[str, dict[str, Any]]:
+    """The rows of the results CSV by run key. A stored config is read back as a config first, so that a field
+    added to the configs since (at its default) leaves the run's key unchanged."""
+    return {run_key(C.from_dict(json.loads(r["config"]))): r for r in read_rows(csv_path)}
+
+
 def run_config(point: Point, seed: int, epochs: int, out: Path, threads: int | None = None) -> C.PretrainConfig:
     """The point's config for one seed; its folder is named by the config, so a changed config never continues an
     old run's checkpoint."""
@@ -113,21 +119,21 @@ def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = ST
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    rows = {r["config"]: r for r in read_rows(csv_path)}
+    rows = finished(csv_path)
     points = plan(studies, epochs)
     for i, point in enumerate(points):
         for seed in seeds:
             cfg = run_config(point, seed, epochs, out, threads)
             key = run_key(cfg)
             label = f"[{i + 1}/{len(points)}] {point.study}: {point.name}, seed {seed}"
-            rows |= {r["config"]: r for r in read_rows(csv_path)}
+            rows |= finished(csv_path)
             if key in rows:
                 echo(f"{label}: done before, kept")
                 continue
             echo(label)
             r = measure(cfg, point, out)
             echo(f"    kNN {r['knn_top1']}% (random encoder {r['random_encoder']}%), {r['minutes']} min")
-            rows = {x["config"]: x for x in read_rows(csv_path)} | {key: r}
+            rows = finished(csv_path) | {key: r}
             write_rows(csv_path, list(rows.values()))  # after every run: an interrupted study keeps its results
     keys = [(run_key(run_config(p, s, epochs, out)), p, s) for p in points for s in seeds]
     table = [{**rows[k], "study": p.study, "name": p.name, "seed": s} for k, p, s in keys if k in rows]

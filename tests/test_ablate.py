@@ -74,6 +74,18 @@ def test_stopped_runs_continue_and_runs_of_another_config_do_not(tmp_path: Path,
     assert cfg.run.out_dir != other.run.out_dir
 
 
+def test_a_config_field_added_later_keeps_finished_runs(tmp_path: Path, trained) -> None:
+    A.ablate(tmp_path, studies=("v1_v2",), seeds=(0,), echo=lambda s: None)
+    rows = A.read_rows(tmp_path / "results.csv")
+    for r in rows:  # as written before ModelConfig had last_width
+        stored = json.loads(r["config"])
+        del stored["model"]["last_width"]
+        r["config"] = json.dumps(stored, sort_keys=True)
+    A.write_rows(tmp_path / "results.csv", rows)
+    A.ablate(tmp_path, studies=("v1_v2",), seeds=(0,), echo=lambda s: None)
+    assert len(trained) == 3  # all three kept
+
+
 def test_end_to_end_trains_as_many_steps_as_moco() -> None:
     # 10 epochs of 234 steps (60000 // 256) = 2340 steps; a batch of 1024 makes 58 steps an epoch: 2340 / 58 = 40.3
     assert A.equal_steps_epochs(10, 1024) == 40

@@ -187,12 +187,32 @@ def test_safetensors_export_of_this_projects_checkpoint_keeps_config_and_normali
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == "moco-encoder" and meta["format_version"] == "1" and meta["layout"] == "moco-pretrain"
-    assert json.loads(meta["backbone"]) == {"name": "small_cnn", "in_channels": 1, "width": 4, "small_stem": True}
+    assert json.loads(meta["backbone"]) == {"name": "small_cnn", "in_channels": 1, "width": 4, "small_stem": True,
+                                            "last_width": 32}
     assert C.from_dict(json.loads(meta["config"])) == source.config
     enc = read_safetensors(out)
     assert (enc.arch, enc.channels, enc.size, enc.mean, enc.std, enc.config) == (
         "small_cnn", 1, 28, source.mean, source.std, source.config)
     assert torch.equal(features(enc.backbone, 1, 28), features(source.backbone, 1, 28))
+
+
+def test_a_wider_last_stage_survives_checkpoint_and_safetensors(tmp_path):
+    out = tmp_path / "run"
+    cfg = C.apply_overrides(C.preset("smoke"), {"width": 4, "last_width": 24, "dim": 8, "queue_size": 256,
+                                                "train_subset": 256, "out_dir": str(out), "progress": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain(cfg, baselines=False, echo=lambda s: None)
+    source = load_encoder(out / "checkpoint.pt")  # rebuilt from the stored config, loaded strictly
+    convs = [m.out_channels for m in source.backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [4, 8, 16, 24] and features(source.backbone, 1, 28).shape == (2, 24)
+    enc = read_safetensors(export_encoder(out / "checkpoint.pt", "safetensors", tmp_path / "e.safetensors").path)
+    assert torch.equal(features(enc.backbone, 1, 28), features(source.backbone, 1, 28))
+
+
+def test_last_width_is_the_small_cnns_only() -> None:
+    with pytest.raises(ConfigError, match="last_width is for arch small_cnn only; drop it for resnet18"):
+        C.validate(C.apply_overrides(C.preset("cpu"), {"arch": "resnet18", "last_width": 256}))
 
 
 @pytest.mark.parametrize("fmt", ["torchvision", "timm", "detectron2"])

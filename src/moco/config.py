@@ -42,6 +42,8 @@ class ModelConfig:
                               "moco.register (on the command line: --import its module)")
     arch: str = opt("small_cnn", "small_cnn | resnet18 | resnet34 | resnet50 | vit_tiny | vit_small | vit_base")
     width: int = opt(16, "small_cnn only: channels of the first stage (then 2x, 4x, 8x)")
+    last_width: int | None = opt(None, "small_cnn only: channels of the last stage, the feature width (none: 8x "
+                                       "width)")
     small_stem: bool = opt(True, "resnets: 3x3 stride-1 stem, no max-pool (for 28-64 px images)")
     patch_size: int | None = opt(None, "ViTs: patch side in pixels (none: 16 from 112 px images up, else 4)")
     head: str = opt("mlp", "linear (v1) | mlp (v2) | v3 (MLP with BN: 2 layers, 3 on ViTs)")
@@ -334,6 +336,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     need(0.0 <= m.key_momentum < 1.0, f"key_momentum (m) must be in [0, 1), got {m.key_momentum}")
     need(m.temperature > 0, f"temperature (T) must be > 0, got {m.temperature}")
     need(m.width >= 1 and m.dim >= 1, "width and dim must be >= 1")
+    need(m.last_width is None or m.last_width >= 1, "last_width must be >= 1")
+    need(m.last_width is None or m.arch == "small_cnn", f"last_width is for arch small_cnn only; drop it for {m.arch}")
     need(m.hidden_dim is None or m.hidden_dim >= 1, f"hidden_dim must be >= 1 or none, got {m.hidden_dim}")
     need(m.queue_size >= 1, f"queue_size must be >= 1, got {m.queue_size}")
     need(m.bn_splits >= 1, f"bn_splits must be >= 1, got {m.bn_splits}")

@@ -67,7 +67,7 @@ def _ours(state: dict[str, Any], path: Path) -> LoadedEncoder:
     # Pretraining checkpoints say where the method keeps its backbone; supervised ones are Sequential(backbone, fc).
     prefix = state.get("backbone", "encoder_q.backbone") + "." if kind == PRETRAIN else "0."
     backbone = build_backbone(cfg.model.arch, data["channels"], cfg.model.width, cfg.model.small_stem, data["size"],
-                              cfg.model.patch_size)
+                              cfg.model.patch_size, last_width=cfg.model.last_width)
     layout = "moco-pretrain" if kind == PRETRAIN else "supervised"
     _load_strict(backbone, _strip(state["model"], prefix), path, layout)
     return LoadedEncoder(backbone.eval(), layout, cfg.model.arch, data["channels"], data["size"], data["mean"],
@@ -155,9 +155,11 @@ def write_safetensors(encoder: LoadedEncoder, path: str | Path) -> None:
     if "cls_token" in weights:
         backbone = vit_recipe(weights)  # build_backbone's arguments
     else:
-        first_conv = next(v for v in weights.values() if v.dim() == 4)
-        backbone = {"name": encoder.arch, "in_channels": first_conv.shape[1], "width": first_conv.shape[0],
-                    "small_stem": first_conv.shape[-1] == 3}
+        convs = [v for v in weights.values() if v.dim() == 4]
+        backbone = {"name": encoder.arch, "in_channels": convs[0].shape[1], "width": convs[0].shape[0],
+                    "small_stem": convs[0].shape[-1] == 3}
+        if encoder.arch == "small_cnn":
+            backbone["last_width"] = convs[-1].shape[0]
     metadata = {
         "format": SAFETENSORS_FORMAT, "format_version": str(SAFETENSORS_VERSION), "arch": encoder.arch,
         "layout": encoder.layout, "channels": json.dumps(encoder.channels), "image_size": json.dumps(encoder.size),
