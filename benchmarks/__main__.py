@@ -43,7 +43,7 @@ def cmd_gpu_check(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    path = ablate(args.out, tuple(args.studies), args.epochs, tuple(args.seeds), args.threads)
+    path = ablate(args.out, tuple(args.studies), args.epochs, tuple(args.seeds), args.threads, not args.table_only)
     print(f"wrote {path} (table), results.csv and plots next to it")
 
 
@@ -121,6 +121,8 @@ def build_parser() -> Parser:
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (end-to-end: as many steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every point")
     p.add_argument("--threads", type=int, help="torch CPU threads of each run (none: torch's default)")
+    p.add_argument("--table-only", action="store_true", help="write the tables and plots from the finished runs, "
+                   "training nothing")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("transfer", help="the paper's transfer study in miniature: MoCo vs supervised vs random",

@@ -108,8 +108,10 @@ def run_config(point: Point, seed: int, epochs: int, out: Path, threads: int | N
 
 
 def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = STUDIES, epochs: int = 10,
-           seeds: tuple[int, ...] = (0, 1), threads: int | None = None, echo: Callable[[str], None] = print) -> Path:
+           seeds: tuple[int, ...] = (0, 1), threads: int | None = None, train: bool = True,
+           echo: Callable[[str], None] = print) -> Path:
     """Run the studies' points with every seed (keeping finished runs), then write the tables, the claims and plots.
+    With `train` False, only write them from the runs finished so far (a point lacking runs is left out).
 
     Two ablations may share an output folder (e.g. one thread each on a 2-core machine, with different studies or
     seeds): each merges its results into the CSV as it was on disk just before writing."""
@@ -121,7 +123,7 @@ def ablate(out_dir: str | Path = "docs/ablations", studies: tuple[str, ...] = ST
     csv_path = out / "results.csv"
     rows = finished(csv_path)
     points = plan(studies, epochs)
-    for i, point in enumerate(points):
+    for i, point in enumerate(points if train else []):
         for seed in seeds:
             cfg = run_config(point, seed, epochs, out, threads)
             key = run_key(cfg)

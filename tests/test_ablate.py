@@ -38,6 +38,8 @@ def test_every_point_runs_with_every_seed_and_finished_runs_are_kept(tmp_path: P
 
     A.ablate(tmp_path, studies=("v1_v2",), seeds=(0, 1), echo=lambda s: None)
     assert len(trained) == 6  # all kept
+    A.ablate(tmp_path, studies=("v1_v2", "queue"), seeds=(0, 1), train=False, echo=lambda s: None)
+    assert len(trained) == 6 and "## queue" not in (tmp_path / "results.md").read_text()  # nothing trained
 
     monkeypatch.setattr(A, "BASE", {**A.BASE, "jitter_strength": 0.3})
     A.ablate(tmp_path, studies=("v1_v2",), seeds=(0,), echo=lambda s: None)
