@@ -60,14 +60,15 @@ def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, s
                 continue
             tic = time.perf_counter()
             encoder = encoders[init]
+            # a random small_cnn is built as wide as the pretrained one
+            shape = ({"width": reference.config.model.width, "last_width": reference.config.model.last_width}
+                     if reference.config else {})
             if task == "detect":
-                cfg = DetectionConfig(**{**asdict(detect), "width": reference.config.model.width if reference.config
-                                         else detect.width})
-                metrics = finetune_detection(encoder, arch, train, test, cfg, echo=echo)
+                metrics = finetune_detection(encoder, arch, train, test, DetectionConfig(**{**asdict(detect), **shape}),
+                                             echo=echo)
             else:
-                cfg = SegmentationConfig(**{**asdict(segment), "width": reference.config.model.width
-                                            if reference.config else segment.width})
-                metrics = finetune_segmentation(encoder, arch, train, test, cfg, echo=echo)
+                metrics = finetune_segmentation(encoder, arch, train, test,
+                                                SegmentationConfig(**{**asdict(segment), **shape}), echo=echo)
             rows[(init, task)] = {"task": task, "init": init, **{k: round(v, 2) for k, v in metrics.items()},
                                   "minutes": round((time.perf_counter() - tic) / 60, 1), "commit": commit()}
             write_rows(csv_path, list(rows.values()))

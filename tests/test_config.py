@@ -54,7 +54,7 @@ def test_flat_yaml_fields_and_optional_values(tmp_path):
         (["--epochs", "0"], "epochs must be >= 1"),
         (["--dataset", "folder"], "needs data_root"),
         (["--device", "tpu"], "device='tpu' is unknown"),
-        (["--warmup-epochs", "25"], "warmup_epochs"),
+        (["--warmup-epochs", "45"], "warmup_epochs"),
         (["--method", "simclr"], "method='simclr' is unknown; choose one of moco, end_to_end, memory_bank"),
         (["--method", "end_to_end", "--symmetric"], "symmetric loss is not implemented for method=end_to_end"),
         (["--precision", "fp8"], "precision='fp8' is unknown"),

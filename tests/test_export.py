@@ -210,11 +210,6 @@ def test_a_wider_last_stage_survives_checkpoint_and_safetensors(tmp_path):
     assert torch.equal(features(enc.backbone, 1, 28), features(source.backbone, 1, 28))
 
 
-def test_last_width_is_the_small_cnns_only() -> None:
-    with pytest.raises(ConfigError, match="last_width is for arch small_cnn only; drop it for resnet18"):
-        C.validate(C.apply_overrides(C.preset("cpu"), {"arch": "resnet18", "last_width": 256}))
-
-
 @pytest.mark.parametrize("fmt", ["torchvision", "timm", "detectron2"])
 def test_small_cnn_exports_only_as_safetensors(tmp_path, smoke_run, fmt):
     with pytest.raises(ConfigError, match="--format safetensors"):

@@ -57,6 +57,8 @@ class FinetuneConfig:
     flip: bool = opt(True, "random horizontal flips of the training images")
     small_stem: bool = opt(True, "random initialisation only: build the ResNet with the 3x3 small-image stem")
     width: int = opt(32, "random initialisation of small_cnn only: its width")
+    last_width: int | None = opt(None, "random initialisation of small_cnn only: its last stage's width (none: 8x "
+                                       "width)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     threads: int | None = opt(None, "torch CPU threads (default: torch's; 1 is faster on a busy machine)")
     seed: int = opt(0, "seed of the initialisation of new layers, the batches and flips")
@@ -153,7 +155,7 @@ def prepare_backbone(encoder: LoadedEncoder | None, arch: str, channels: int, cf
         backbone = copy.deepcopy(encoder.backbone)
         channels, mean, std = encoder.channels, list(encoder.mean), list(encoder.std)
     else:
-        backbone = build_backbone(arch, channels, cfg.width, cfg.small_stem)
+        backbone = build_backbone(arch, channels, cfg.width, cfg.small_stem, last_width=cfg.last_width)
         mean, std = data_mean_std
     stages = backbone_stages(backbone)
     n_frozen = max(0, len(stages.units) - cfg.trainable_layers)
