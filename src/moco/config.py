@@ -157,11 +157,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     #   from a coat;
     # - a visible blur (sigma 0.1-1.0 px; MoCo v2's range scaled to 28 px leaves the images unchanged): +0.45 / +0.48
     #   in 10-epoch runs with two seeds (docs/ablations.md);
-    # - the last stage 256 wide instead of 128 (the feature width) and 40 epochs, which fit 15 minutes on 2 cores:
-    #   linear protocol 89.40 (88.38 with 128 wide after 50 epochs), kNN k=200 near 86 from epoch 30.
+    # - the last stage 256 wide instead of 128 (the feature width: linear protocol 89.40 after 40 epochs, 88.38 with
+    #   128 after 50; kNN k=200 near 86 from epoch 25) and 28 epochs, which fit 15 minutes on 2 Xeon cores (about
+    #   30 s an epoch).
     "cpu": {"model": dict(temperature=0.1, last_width=256),
             "data": dict(jitter_strength=0.8, crop_min_scale=0.6, blur_sigma=[0.1, 1.0]),
-            "optim": dict(epochs=40)},
+            "optim": dict(epochs=28)},
     # MoCo v1 (paper, ImageNet): R50, linear head, K=65536, m=0.999, T=0.07, lr 0.03, steps at 120/160.
     "v1": {
         "model": dict(arch="resnet50", small_stem=False, head="linear", queue_size=65536, key_momentum=0.999,
