@@ -207,7 +207,10 @@ def beats(a: Stat, b: Stat) -> bool:
     return a.seeds > 1 and b.seeds > 1 and a.mean - b.mean > max(a.spread, b.spread)
 
 
-def verdict(ok: bool) -> str:
+def verdict(ok: bool, *points: Stat) -> str:
+    """"**shown**" or "not shown"; "not yet (one seed)" while a point the claim rests on has a single seed."""
+    if any(p.seeds < 2 for p in points):
+        return "not yet (one seed)"
     return "**shown**" if ok else "not shown"
 
 
@@ -221,23 +224,23 @@ def claims(table: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
         out.append(("a slowly moving key encoder: m=0 fails, accuracy rises up to m=0.99-0.999",
                     "m=0 fails, 0.9: 55.2, 0.99: 57.8, 0.999: 59.0, 0.9999: 58.9",
                     ", ".join(f"{n.removeprefix('m=')}: {v}" for n, v in m.items()),
-                    verdict(beats(top, m["m=0.9"]) and beats(top, m["m=0.0"]))))
+                    verdict(beats(top, m["m=0.9"]) and beats(top, m["m=0.0"]), *m.values())))
     q = s["queue"]
     if len(q) == 4:
         ok = beats(q["K=16384"], q["K=256"])
         out.append(("a larger dictionary is better", "all three mechanisms improve as K grows (Fig. 3)",
                     ", ".join(f"{n.removeprefix('K=')}: {v}" for n, v in q.items()) +
-                    f" (the largest K is {16384 / TRAIN_IMAGES:.0%} of the training set)", verdict(ok)))
+                    f" (the largest K is {16384 / TRAIN_IMAGES:.0%} of the training set)", verdict(ok, *q.values())))
     mech = s["mechanisms"]
     if len(mech) == 6:
         pairs = [(mech[f"moco K={K}"], mech[f"memory_bank K={K}"], mech[f"end_to_end K={K - 1}"]) for K in (256, 1024)]
         out.append(("at equal K, the memory bank is below MoCo", "2.6 points below at K=65536",
                     "; ".join(f"K={K}: MoCo {mo}, memory bank {mb}" for K, (mo, mb, _) in zip((256, 1024), pairs)),
-                    verdict(all(beats(mo, mb) for mo, mb, _ in pairs))))
+                    verdict(all(beats(mo, mb) for mo, mb, _ in pairs), *mech.values())))
         out.append(("at equal K, end-to-end is on par with MoCo (where it fits in memory)",
                     "about equal up to K=1024",
                     "; ".join(f"K={K}: MoCo {mo}, end-to-end {e2e}" for K, (mo, _, e2e) in zip((256, 1024), pairs)),
-                    verdict(not any(beats(mo, e2e) or beats(e2e, mo) for mo, _, e2e in pairs))))
+                    verdict(not any(beats(mo, e2e) or beats(e2e, mo) for mo, _, e2e in pairs), *mech.values())))
     sb = s["shuffle_bn"]
     if len(sb) == 4:
         pretext = stats([r for r in table if r["study"] == "shuffle_bn"], "final_pretext_acc")
@@ -248,14 +251,15 @@ def claims(table: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
             measured.append(f"groups of {group}: kNN {sb[on]} with shuffle, {sb[off]} without, final pretext "
                             f"accuracy {pretext[on].mean:.1f}% vs {pretext[off].mean:.1f}%")
         out.append(("without shuffling BN the pretext task is cheated: its accuracy races up, kNN falls",
-                    "pretext accuracy > 99.9% early, linear accuracy lower", "; ".join(measured), verdict(shown)))
+                    "pretext accuracy > 99.9% early, linear accuracy lower", "; ".join(measured),
+                    verdict(shown, *sb.values())))
     v = s["v1_v2"]
     if len(v) == 3:
         v1, mlp, v2 = (v[n] for n in ("v1: linear head, T=0.07, aug v1", "+ MLP head, T=0.2", "+ aug+ (v2)"))
         out.append(("MoCo v2: the MLP head gains", "60.6 -> 66.2 (+5.6, T=0.2)", f"{v1} -> {mlp}",
-                    verdict(beats(mlp, v1))))
+                    verdict(beats(mlp, v1), mlp, v1)))
         out.append(("MoCo v2: aug+ (blur) gains on top", "66.2 -> 67.3 (+1.1; aug+ alone: 60.6 -> 63.4)", f"{mlp} -> {v2}",
-                    verdict(beats(v2, mlp))))
+                    verdict(beats(v2, mlp), v2, mlp)))
     return out
 
 

@@ -139,3 +139,11 @@ def test_the_queue_mechanism_and_v2_claims() -> None:
     # K=16384 is 0.3 above K=256, with seed ranges of 0.1: shown. The memory bank is 3 below MoCo at both K: shown.
     # End-to-end is 1.3 above MoCo at K=1023: not "on par". The MLP head gains 3: shown; aug+ 0.05: not.
     assert verdicts == ["**shown**", "**shown**", "not shown", "**shown**", "not shown"]
+
+
+def test_a_claim_resting_on_one_seed_is_not_judged_yet() -> None:
+    table = [row("v1_v2", "v1: linear head, T=0.07, aug v1", seed, 80.0) for seed in (0, 1)]
+    table += [row("v1_v2", "+ MLP head, T=0.2", seed, 83.0) for seed in (0, 1)]
+    table += [row("v1_v2", "+ aug+ (v2)", 0, 90.0)]
+    assert [shown for _, _, _, shown in A.claims(table)] == ["**shown**", "not yet (one seed)"]
+
