@@ -294,10 +294,16 @@ def profile_ours(s: BenchSettings, n_train: int, device: torch.device, steps: in
             pretrain(cfg, baselines=False, echo=lambda _: None, on_step=hook)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
+    on_device = device.type == "cuda"  # then ranked by the device's time: the host mostly waits or queues
+    ranked = sorted(events, key=lambda e: e.self_device_time_total if on_device else e.self_cpu_time_total,
+                    reverse=True)[:top]
+    rows = [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
              "share": round(e.self_cpu_time_total / total, 3), "calls_per_step": round(e.count / steps, 1)}
             for e in ranked]
+    if on_device:
+        for row, e in zip(rows, ranked):
+            row["device_ms_per_step"] = round(e.self_device_time_total / 1000 / steps, 2)
+    return rows
 
 
 # -- the two modes ----------------------------------------------------------------------------------
@@ -347,7 +353,9 @@ def throughput(s: BenchSettings, device: torch.device, echo: Callable[[str], Non
     if s.profile:
         result["profile"] = profile_ours(s, len(data.train), device)
         echo("ours, top operators by self time:\n" + "\n".join(
-            f"  {p['op']:<40} {p['ms_per_step']:8.2f} ms/step  {100 * p['share']:5.1f}%" for p in result["profile"]))
+            f"  {p['op']:<40} {p['ms_per_step']:8.2f} ms/step  {100 * p['share']:5.1f}%"
+            + (f"  device {p['device_ms_per_step']:8.2f} ms/step" if "device_ms_per_step" in p else "")
+            for p in result["profile"]))
     return result
 
 
@@ -445,10 +453,11 @@ def knn_scoring(probe: C.PretrainConfig, device: torch.device, echo: Callable[[s
 
 
 class EveryEpoch:
-    """on_step hook: the evaluation's scores after the last step of every epoch."""
+    """on_step hook: the evaluation's scores after the last step of every epoch, echoed as they come."""
 
-    def __init__(self, evaluate: Callable[[nn.Module], dict[str, float]], steps_per_epoch: int) -> None:
-        self.evaluate, self.steps_per_epoch = evaluate, steps_per_epoch
+    def __init__(self, evaluate: Callable[[nn.Module], dict[str, float]], steps_per_epoch: int,
+                 echo: Callable[[str], None]) -> None:
+        self.evaluate, self.steps_per_epoch, self.echo = evaluate, steps_per_epoch, echo
         self.points: list[dict[str, float]] = []
 
     def __call__(self, step: int, model: nn.Module) -> bool:
@@ -456,6 +465,7 @@ class EveryEpoch:
             scores = self.evaluate(model)
             self.points.append({"epoch": step // self.steps_per_epoch, "step": step,
                                 **{name: round(value, 2) for name, value in scores.items()}})
+            self.echo(json.dumps(self.points[-1]))
         return False
 
 
@@ -473,13 +483,13 @@ def per_epoch(s: BenchSettings, device: torch.device, echo: Callable[[str], None
     result["epochs"] = epochs
     if s.reference:
         seed_everything(s.seed)
-        hook = EveryEpoch(evaluate, steps_per_epoch)
+        hook = EveryEpoch(evaluate, steps_per_epoch, lambda line: echo(f"reference {line}"))
         tic = time.perf_counter()
         train_reference(probe, data.train.images, data.size, data.mean, data.std, device, s.workers, hook, epochs)
         result["reference"] = {"curve": hook.points, "minutes": round((time.perf_counter() - tic) / 60, 2)}
         echo("reference: " + epoch_summary(hook.points))
     with tempfile.TemporaryDirectory(prefix="moco-bench-") as tmp:
-        hook = EveryEpoch(evaluate, steps_per_epoch)
+        hook = EveryEpoch(evaluate, steps_per_epoch, lambda line: echo(f"ours {line}"))
         tic = time.perf_counter()
         pretrain(bench_config(s, tmp, epochs), baselines=False, echo=lambda _: None, on_step=hook)
         result["ours"] = {"curve": hook.points, "minutes": round((time.perf_counter() - tic) / 60, 2)}
@@ -601,7 +611,9 @@ def peak_note(result: dict[str, Any]) -> str:
 
 
 def machine_name(machine: dict[str, Any]) -> str:
-    """The CPU's model name, with AMX said (Xeons with and without it share one name)."""
+    """The GPU's name, or the CPU's model name with AMX said (Xeons with and without it share one name)."""
+    if "gpu" in machine:
+        return machine["gpu"]
     return machine["cpu"] + (" with AMX" if "amx_bf16" in machine.get("isa", []) else "")
 
 
@@ -661,12 +673,17 @@ def write_table(out: Path) -> Path:
             f"`{e['commit']}` | {e['date'][:10]} |")
     for e in runs:
         if "profile" in e["result"]:
+            rows = e["result"]["profile"]
+            on_device = "device_ms_per_step" in rows[0]
             lines += ["", f"### Where ours spends a step: {machine_name(e['machine'])}, {e['date'][:10]}", "",
-                      "Top operators by self time (torch.profiler); `ProfilerStep*` is time outside any operator "
-                      "(Python, the loop itself).", "", "| operator | ms/step | share | calls/step |",
-                      "|---|---|---|---|"]
-            lines += [f"| `{p['op']}` | {p['ms_per_step']:.2f} | {100 * p['share']:.1f}% | {p['calls_per_step']:g} |"
-                      for p in e["result"]["profile"]]
+                      ("Top operators and kernels by the device's self time (torch.profiler), with the host's; "
+                       "`ProfilerStep*`'s device time spans the whole step, profiler's overhead included."
+                       if on_device else "Top operators by self time (torch.profiler); `ProfilerStep*` is time "
+                       "outside any operator (Python, the loop itself)."), "",
+                      "| operator | ms/step | share | calls/step |" + (" device ms/step |" if on_device else ""),
+                      "|---|---|---|---|" + ("---|" if on_device else "")]
+            lines += [f"| `{p['op'][:90]}` | {p['ms_per_step']:.2f} | {100 * p['share']:.1f}% | {p['calls_per_step']:g} |"
+                      + (f" {p['device_ms_per_step']:.2f} |" if on_device else "") for p in rows]
     if curves:
         lines += ["", "## Time to accuracy", "",
                   "kNN top-1 on the 10,000 test images, against the training set, at checkpoints of a fixed "

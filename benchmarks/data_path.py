@@ -27,6 +27,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from moco.checkpoints.encoders import IMAGENET_MEAN, IMAGENET_STD
 from moco.config import opt
+from moco.errors import ConfigError
 from moco.data.streaming import FolderStream
 
 from .photos import write_photo_folder
@@ -58,12 +59,16 @@ def photo_folder(s: DataPathSettings, count: int) -> Path:
 
 
 def _rate(batches, batch_size: int, images: int) -> float:
-    """Images/s over `images` images of `batches`, after one warm-up batch (workers starting)."""
+    """Images/s over `images` images of `batches` (or as many as follow), after one warm-up batch (workers
+    starting)."""
     next(batches)
     tic, seen = time.perf_counter(), 0
-    while seen < images:
-        next(batches)
+    for _ in batches:
         seen += batch_size
+        if seen >= images:
+            break
+    if not seen:
+        raise ConfigError(f"the folder holds one batch of {batch_size} at most: time more files (--files)")
     return seen / (time.perf_counter() - tic)
 
 

@@ -56,6 +56,7 @@ def knn_scores(
 def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 200, t: float = 0.1) -> dict[str, float]:
     """Top-1 and, with more than 5 classes, top-5 accuracy (percent) of the weighted kNN classifier."""
+    train_labels, test_labels = train_labels.to(train_features.device), test_labels.to(test_features.device)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_scores(train_features, train_labels, test_features, num_classes, k, t)  # (N, C)
     ranked = scores.topk(min(5, num_classes), dim=1).indices  # (N, 5)
@@ -75,6 +76,7 @@ def plain_knn_accuracy(train_x: torch.Tensor, train_labels: torch.Tensor, test_x
     On raw Fashion-MNIST pixels, k=5 gives about 85.5%: the usual baseline a learned encoder must beat.
     """
     k = min(k, train_x.shape[0])
+    train_labels, test_labels = train_labels.to(train_x.device), test_labels.to(test_x.device)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     train_x, test_x = train_x.flatten(1).float(), test_x.flatten(1).float()
     train_sq = (train_x * train_x).sum(1)  # (N_train,)
