@@ -1,4 +1,4 @@
-"""`python -m benchmarks bench | ablate | transfer`: the studies and benchmarks behind docs/."""
+"""`python -m benchmarks bench | ablate | negatives | transfer`: the studies and benchmarks behind docs/."""
 
 import argparse
 import sys
@@ -45,6 +45,12 @@ def cmd_gpu_check(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
     path = ablate(args.out, tuple(args.studies), args.epochs, tuple(args.seeds), args.threads, not args.table_only)
     print(f"wrote {path} (table), results.csv and plots next to it")
+
+
+def cmd_negatives(args: argparse.Namespace) -> None:
+    from .negatives import negatives
+
+    print(f"wrote {negatives(args.out, args.queries, args.train_subset)}")
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:
@@ -124,6 +130,15 @@ def build_parser() -> Parser:
     p.add_argument("--table-only", action="store_true", help="write the tables and plots from the finished runs, "
                    "training nothing")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("negatives", help="the queue study's targeted experiment: where the negatives' weight falls",
+                       description="For each encoder of the queue study (seed 0) and queues of K = 256 ... 16384 random "
+                       "training images: the share of the InfoNCE negatives' softmax weight, and of the 10 hardest "
+                       "negatives, that is of the query's own class. Writes OUT/negatives.md.")
+    p.add_argument("--out", default="docs/ablations", help="the ablations' folder (results.csv, runs/)")
+    p.add_argument("--queries", type=int, default=1000, help="queries measured per encoder and K")
+    p.add_argument("--train-subset", type=int, default=20000, help="images the queries and queues are drawn from")
+    p.set_defaults(func=cmd_negatives)
 
     p = sub.add_parser("transfer", help="the paper's transfer study in miniature: MoCo vs supervised vs random",
                        description="Fine-tune MoCo, supervised and random initialisations of the same backbone with "

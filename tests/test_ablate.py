@@ -30,20 +30,25 @@ def trained(monkeypatch: pytest.MonkeyPatch) -> list[C.PretrainConfig]:
 
 def test_every_point_runs_with_every_seed_and_finished_runs_are_kept(tmp_path: Path, trained, monkeypatch) -> None:
     A.ablate(tmp_path, studies=("v1_v2",), seeds=(0, 1), echo=lambda s: None)
-    assert [(c.model.head, c.data.augment, c.run.seed) for c in trained] == [
-        ("linear", "v1", 0), ("linear", "v1", 1), ("mlp", "v1", 0), ("mlp", "v1", 1), ("mlp", "v2", 0), ("mlp", "v2", 1)]
+    assert [(c.model.head, c.model.temperature, c.data.augment, c.run.seed) for c in trained] == [
+        (head, t, aug, seed) for head, t, aug in (("linear", 0.07, "v1"), ("mlp", 0.2, "v1"), ("mlp", 0.2, "v2"),
+                                                  ("mlp", 0.07, "v1"), ("linear", 0.1, "v2"), ("mlp", 0.1, "v2"))
+        for seed in (0, 1)]
     rows = A.read_rows(tmp_path / "results.csv")
-    assert [r["knn_top1"] for r in rows] == ["81.0", "82.0", "83.0", "84.0", "85.0", "86.0"]
+    assert [r["knn_top1"] for r in rows] == [f"{80.0 + n}" for n in range(1, 13)]
     assert {r["random_encoder"] for r in rows} == {"75.0"}
 
     A.ablate(tmp_path, studies=("v1_v2",), seeds=(0, 1), echo=lambda s: None)
-    assert len(trained) == 6  # all kept
-    A.ablate(tmp_path, studies=("v1_v2", "queue"), seeds=(0, 1), train=False, echo=lambda s: None)
-    assert len(trained) == 6 and "## queue" not in (tmp_path / "results.md").read_text()  # nothing trained
+    assert len(trained) == 12  # all kept
+    A.ablate(tmp_path, studies=("queue",), seeds=(0, 1), train=False, echo=lambda s: None)
+    page = (tmp_path / "results.md").read_text()
+    assert len(trained) == 12 and "| K=256 |" not in page  # nothing trained
+    # the page holds every study's finished runs, not only the command's: the base is also K=4096 and m=0.99
+    assert "## v1_v2" in page and "| K=4096 |" in page and "| m=0.99 |" in page
 
     monkeypatch.setattr(A, "BASE", {**A.BASE, "jitter_strength": 0.3})
     A.ablate(tmp_path, studies=("v1_v2",), seeds=(0,), echo=lambda s: None)
-    assert len(trained) == 9 and trained[-1].data.jitter_strength == 0.3  # measured again under the new recipe
+    assert len(trained) == 18 and trained[-1].data.jitter_strength == 0.3  # measured again under the new recipe
 
 
 def test_the_base_is_the_main_jobs_recipe_at_the_time() -> None:
@@ -85,7 +90,7 @@ def test_a_config_field_added_later_keeps_finished_runs(tmp_path: Path, trained)
         r["config"] = json.dumps(stored, sort_keys=True)
     A.write_rows(tmp_path / "results.csv", rows)
     A.ablate(tmp_path, studies=("v1_v2",), seeds=(0,), echo=lambda s: None)
-    assert len(trained) == 3  # all three kept
+    assert len(trained) == 6  # all six kept
 
 
 def test_end_to_end_trains_as_many_steps_as_moco() -> None:
@@ -146,6 +151,15 @@ def test_a_larger_queue_must_be_a_trend_not_two_end_points() -> None:
     table = [row("queue", f"K={K}", seed, v + 0.2 * seed)
              for K, v in ((256, 83.3), (1024, 82.9), (4096, 83.0), (16384, 83.6)) for seed in (0, 1)]
     assert [shown for _, _, _, shown in A.claims(table)] == ["not shown"]
+
+
+def test_the_head_alone_is_judged_at_equal_temperature_and_augmentation() -> None:
+    knn = {"v1: linear head, T=0.07, aug v1": 83.9, "MLP head, T=0.07, aug v1": 84.5,
+           "linear head, the base's T=0.1 and aug": 83.5, "MLP head, the base's T=0.1 and aug": 83.2}
+    table = [row("v1_v2", n, seed, v + 0.1 * seed) for n, v in knn.items() for seed in (0, 1)]
+    claims = A.claims(table)
+    assert [(c[0], c[3]) for c in claims] == [("the MLP head alone, at equal temperature and augmentation", "not shown")]
+    assert "T=0.1, the base's aug: linear 83.55 ± 0.05 -> MLP 83.25 ± 0.05" in claims[0][2]  # gains at one T only
 
 
 def test_a_claim_resting_on_one_seed_is_not_judged_yet() -> None:
