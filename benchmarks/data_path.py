@@ -27,8 +27,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from moco.checkpoints.encoders import IMAGENET_MEAN, IMAGENET_STD
 from moco.config import opt
-from moco.errors import ConfigError
 from moco.data.streaming import FolderStream
+from moco.errors import ConfigError
 
 from .photos import write_photo_folder
 from .provenance import ROOT, commit, machine_info
