@@ -60,7 +60,9 @@ def cmd_transfer(args: argparse.Namespace) -> None:
     def configs(cls):
         """The task's default config, its schedule (warm-up, lr steps) stretched to --iterations."""
         cfg = cls()
-        changes = {k: v for k, v in (("batch_size", args.batch_size), ("threads", args.threads)) if v is not None}
+        changes = {k: v for k, v in (("batch_size", args.batch_size), ("threads", args.threads), ("lr", args.lr),
+                                     ("norm", args.norm), ("trainable_layers", args.trainable_layers))
+                   if v is not None}
         if args.iterations is not None:
             scale = args.iterations / cfg.iterations
             changes |= {"iterations": args.iterations, "warmup_iters": int(cfg.warmup_iters * scale),
@@ -68,7 +70,8 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         return replace(cfg, **changes)
 
     path = transfer_study(args.out, args.moco, args.supervised, args.runs, args.scenes_train, args.scenes_test,
-                          args.scene_size, configs(DetectionConfig), configs(SegmentationConfig))
+                          args.scene_size, configs(DetectionConfig), configs(SegmentationConfig), tuple(args.seeds),
+                          tuple(args.tasks))
     print(f"wrote {path} (table), results.csv and plots next to it")
 
 
@@ -154,6 +157,12 @@ def build_parser() -> Parser:
     p.add_argument("--scene-size", type=int, default=96)
     p.add_argument("--iterations", type=int, help="fine-tuning iterations (default: the fine-tuning configs')")
     p.add_argument("--batch-size", type=int, help="fine-tuning batch (default: the fine-tuning configs')")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the fine-tuning configs')")
+    p.add_argument("--norm", choices=("bn", "frozen", "syncbn"), help="the backbone's normalisation while "
+                   "fine-tuning (default: the fine-tuning configs')")
+    p.add_argument("--trainable-layers", type=int, help="backbone units trained, from the last (default: all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tuning seeds of every initialisation")
+    p.add_argument("--tasks", nargs="+", choices=("detect", "segment"), default=["detect", "segment"])
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=cmd_transfer)
     return parser

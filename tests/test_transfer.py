@@ -266,8 +266,33 @@ def test_the_transfer_study_command_writes_its_table(tmp_path):
     out = tmp_path / "study"
     assert benchmarks(["transfer", "--moco", str(tmp_path / "moco" / "checkpoint.pt"), "--supervised", str(sup),
                  "--scenes-train", "8", "--scenes-test", "4", "--iterations", "2", "--batch-size", "2",
-                 "--threads", "1", "--out", str(out)]) == 0
+                 "--threads", "1", "--out", str(out), "--seeds", "0", "1"]) == 0
     table = (out / "results.md").read_text()
     for init in ("moco", "supervised", "random"):
         assert f"| {init} |" in table
+    assert "| detect: MoCo >= supervised >> random (AP) |" in table and "| segment: MoCo" in table
     assert (out / "detect.png").is_file() and (out / "segment.png").is_file()
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 3 * 2  # tasks x initialisations x seeds
+    # a rerun keeps every finished row; another schedule is measured anew, beside them
+    assert benchmarks(["transfer", "--moco", str(tmp_path / "moco" / "checkpoint.pt"), "--supervised", str(sup),
+                       "--scenes-train", "8", "--scenes-test", "4", "--iterations", "2", "--batch-size", "2",
+                       "--threads", "1", "--out", str(out), "--seeds", "0", "1", "--tasks", "segment"]) == 0
+    assert (out / "results.csv").read_text().splitlines() == rows
+    assert benchmarks(["transfer", "--moco", str(tmp_path / "moco" / "checkpoint.pt"), "--supervised", str(sup),
+                       "--scenes-train", "8", "--scenes-test", "4", "--iterations", "2", "--batch-size", "2",
+                       "--threads", "1", "--out", str(out), "--seeds", "0", "--tasks", "segment",
+                       "--norm", "frozen"]) == 0
+    assert len((out / "results.csv").read_text().splitlines()) == len(rows) + 3
+
+
+def test_the_transfer_claim_needs_both_gaps_beyond_the_seeds() -> None:
+    from benchmarks.transfer_study import judge, spread
+
+    moco, sup, rand = spread([30.0, 31.0]), spread([31.5, 32.0]), spread([20.0, 22.0])
+    # MoCo is 1.25 below supervised, but their larger seed range is 1.0: below beyond the seeds
+    assert judge(moco, sup, rand) == "not shown: MoCo below supervised"
+    assert judge(spread([31.0, 32.0]), sup, rand) == "**shown**"  # 0.25 below: within the seeds, "on par"
+    # supervised 10 above random with ranges of 2: shown; 1.5 above: not
+    assert judge(moco, spread([21.5, 23.5]), rand) == "not shown: supervised not above random"
+    assert judge(moco, sup, spread([20.0])) == "not yet (one seed)"
