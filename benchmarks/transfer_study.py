@@ -126,7 +126,7 @@ def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, s
                 done.add((task, init, seed, key))
                 write_rows(csv_path, rows)
     current = {task: setting(replace(configs[task], **shape), checkpoints) for task in tasks}
-    selected = [r for r in rows if r.get("setting") == current.get(r["task"])]
+    selected = [r for r in rows if r.get("setting") == current.get(r["task"]) and int(r["seed"]) in seeds]
     header = {"commit of each run": ", ".join(sorted({r["commit"] for r in selected})),
               "machine": machine(), "command": command("transfer"),
               "backbone": f"{arch} (width {shape['width']}, last stage {shape['last_width']})" if shape else arch,
