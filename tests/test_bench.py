@@ -256,6 +256,6 @@ def test_the_data_path_benchmark_writes_every_figure(tmp_path):
     r = entry["result"]
     assert r["ours_img_s"] > 0 and r["official_img_s"] > 0 and r["decode_img_s_per_core"] > 0
     assert set(r["peak_rss"]) == {"24", "48"} and all(v["process_mib"] > 0 for v in r["peak_rss"].values())
-    assert r["cores_per_gpu"]["ours"] == pytest.approx(1850 / r["per_core"]["ours"], rel=0.01)
+    assert r["cores_per_gpu"]["ours"] == pytest.approx(1850 / r["per_core"]["ours"], abs=0.06)  # rounded to 0.1
     table = B.table_path(out).read_text()
     assert "## Data path" in table and f"| {r['ours_img_s']:.0f} (" in table
