@@ -1,4 +1,4 @@
-"""`python -m benchmarks bench | ablate | negatives | transfer`: the studies and benchmarks behind docs/."""
+"""`python -m benchmarks bench | ablate | negatives | head-probe | transfer`: the studies and benchmarks behind docs/."""
 
 import argparse
 import sys
@@ -51,6 +51,12 @@ def cmd_negatives(args: argparse.Namespace) -> None:
     from .negatives import negatives
 
     print(f"wrote {negatives(args.out, args.queries, args.train_subset)}")
+
+
+def cmd_head_probe(args: argparse.Namespace) -> None:
+    from .head_probe import head_probe
+
+    print(f"wrote {head_probe(args.out, tuple(args.checkpoints))}")
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:
@@ -142,6 +148,16 @@ def build_parser() -> Parser:
     p.add_argument("--queries", type=int, default=1000, help="queries measured per encoder and K")
     p.add_argument("--train-subset", type=int, default=20000, help="images the queries and queues are drawn from")
     p.set_defaults(func=cmd_negatives)
+
+    p = sub.add_parser("head-probe", help="the v1 -> v2 study's targeted experiment: what each head's backbone keeps",
+                       description="For the v1 -> v2 study's linear/MLP head pairs (equal temperature, augmentation and "
+                       "width; every seed): how well a ridge regression recovers a random brightness factor and a "
+                       "random mirroring of the test images, and the class, from the backbone's features and from the "
+                       "head's outputs; raw pixels and a random encoder for reference. Writes OUT/head_probe.md.")
+    p.add_argument("--out", default="docs/ablations", help="the ablations' folder (results.csv, runs/)")
+    p.add_argument("--checkpoints", nargs="*", default=[], metavar="CHECKPOINT", help="more pretraining "
+                   "checkpoints to probe after the study's (e.g. the main job with either head)")
+    p.set_defaults(func=cmd_head_probe)
 
     p = sub.add_parser("transfer", help="the paper's transfer study in miniature: MoCo vs supervised vs random",
                        description="Fine-tune MoCo, supervised and random initialisations of the same backbone with "

@@ -40,7 +40,7 @@ STUDIES = ("momentum", "queue", "mechanisms", "shuffle_bn", "v1_v2")
 # T=0.1, crops of at least 60%, jitter 0.8 and a visible blur.
 BASE = {"temperature": 0.1, "crop_min_scale": 0.6, "jitter_strength": 0.8, "blur_sigma": [0.1, 1.0]}
 TRAIN_IMAGES = 60000  # Fashion-MNIST's training set: every run uses all of it
-BASE_BATCH = 256  # the cpu preset's batch; end-to-end's larger batches get the same number of steps
+BASE_BATCH = 256  # the recipe's batch (the defaults'); end-to-end's larger batches get the same number of steps
 
 
 @dataclass(frozen=True)
