@@ -144,7 +144,8 @@ def head_probe(out_dir: str | Path = "docs/ablations", extra: tuple[str, ...] = 
     for path in extra:
         cfg = C.from_dict(load_checkpoint(Path(path))["config"])
         name = f"`{path}` ({cfg.model.head} head, {cfg.optim.epochs} epochs)"
-        rows.append({"point": name, "seed": cfg.run.seed, **{k: probe.measure(f) for k, f in encoder_views(Path(path)).items()}})
+        views = encoder_views(Path(path))
+        rows.append({"point": name, "seed": cfg.run.seed, **{k: probe.measure(f) for k, f in views.items()}})
         print(f"{name}: {rows[-1]}")
     random_views = encoder_views(found[0][2], random=True)
     random = {k: probe.measure(f) for k, f in random_views.items()}
