@@ -41,7 +41,8 @@ BRIGHTNESS = (0.5, 1.5)
 RIDGE = 1e-3  # ridge penalty per sample, on standardised features
 
 
-def ridge_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, lam: float = RIDGE) -> torch.Tensor:
+def ridge_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                  lam: float = RIDGE) -> torch.Tensor:
     """Ridge regression fitted on (train_x (N, D), train_y (N, T)), with a bias, predicting for test_x (M, D).
 
     Features are standardised with the training half's statistics; the penalty is lam * N (the bias unpenalised
@@ -151,8 +152,9 @@ def head_probe(out_dir: str | Path = "docs/ablations", extra: tuple[str, ...] = 
     random = {k: probe.measure(f) for k, f in random_views.items()}
     lines = ["# What the encoders keep of what the augmentation changes (the v1 -> v2 head pairs)", "",
              f"- commit `{commit()}`; machine `{machine()}`", f"- command: `{command('head-probe')}`",
-             f"- the v1 -> v2 study's 10-epoch encoders{' and the checkpoints named' if extra else ''}; 10,000 test images, ridge fitted on 5,000 and scored on the "
-             f"other 5,000; brightness factors in {list(BRIGHTNESS)}", "",
+             f"- the v1 -> v2 study's 10-epoch encoders{' and the checkpoints named' if extra else ''}; 10,000 test "
+             f"images, ridge fitted on 5,000 and scored on the other 5,000; brightness factors in {list(BRIGHTNESS)}",
+             "",
              "Brightness R^2 / flip accuracy (%) / class accuracy (%), per seed, from the backbone's features and "
              "from the head's outputs.", "",
              "| encoder | seed | backbone | head output |", "|---|---|---|---|"]
