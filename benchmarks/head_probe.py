@@ -32,9 +32,9 @@ from moco.checkpoints import load_checkpoint
 from moco.data.sources import load_images
 from moco.errors import ConfigError
 from moco.files import write_text
-from moco.model import build_method
 
 from .ablate import Point, finished, plan, run_config, run_key
+from .negatives import query_encoder
 from .provenance import command, commit, machine
 
 BRIGHTNESS = (0.5, 1.5)
@@ -92,21 +92,12 @@ class Probe:
 def encoder_views(checkpoint: Path, random: bool = False) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Feature functions of a checkpoint's query encoder, {"backbone": f, "head": f}; with `random`, the same
     architecture freshly initialised (seed 0)."""
-    state = load_checkpoint(checkpoint)
-    cfg, data = C.from_dict(state["config"]), state["data"]
     torch.manual_seed(0)
-    method = build_method(cfg.model, data["channels"], data["size"])
-    if not random:
-        method.load_state_dict(state["model"])
-    method.eval()
-    encoder = method.encoder_q
-    mean = torch.tensor(data["mean"]).view(1, -1, 1, 1)  # (1, C, 1, 1)
-    std = torch.tensor(data["std"]).view(1, -1, 1, 1)  # (1, C, 1, 1)
+    encoder, normalise, _ = query_encoder(checkpoint, trained=not random)
 
     def view(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         def features(images: torch.Tensor) -> torch.Tensor:
-            out = [module((x.float() / 255 - mean) / std).float().flatten(1) for x in images.split(1000)]
-            return torch.cat(out)  # (N, D)
+            return torch.cat([module(normalise(x)).float().flatten(1) for x in images.split(1000)])  # (N, D)
         return features
 
     return {"backbone": view(encoder.backbone), "head": view(encoder)}

@@ -16,11 +16,13 @@ encoder's head outputs, where the loss is computed, on whole images (no augmenta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moco import config as C
 from moco.checkpoints import load_checkpoint
@@ -36,18 +38,26 @@ SIZES = (256, 1024, 4096, 16384)
 HARDEST = 10
 
 
-@torch.no_grad()
-def head_features(checkpoint: Path, images: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, float]:
-    """L2-normalised outputs of the checkpoint's query encoder (backbone and head), (N, D), and its temperature."""
+def query_encoder(checkpoint: Path, trained: bool = True) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor],
+                                                                  C.PretrainConfig]:
+    """A pretraining checkpoint's query encoder (backbone and head) in eval mode, the normalisation of its uint8
+    input images, and its config. With `trained` False: the same architecture as built (the random encoder)."""
     state = load_checkpoint(checkpoint)
     cfg, data = C.from_dict(state["config"]), state["data"]
     method = build_method(cfg.model, data["channels"], data["size"])
-    method.load_state_dict(state["model"])
+    if trained:
+        method.load_state_dict(state["model"])
     method.eval()
     mean = torch.tensor(data["mean"]).view(1, -1, 1, 1)  # (1, C, 1, 1)
     std = torch.tensor(data["std"]).view(1, -1, 1, 1)  # (1, C, 1, 1)
-    out = [F.normalize(method.encoder_q((x.float() / 255 - mean) / std).float(), dim=1)
-           for x in images.split(batch)]  # [(b, D)]
+    return method.encoder_q, lambda images: (images.float() / 255 - mean) / std, cfg
+
+
+@torch.no_grad()
+def head_features(checkpoint: Path, images: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, float]:
+    """L2-normalised outputs of the checkpoint's query encoder (backbone and head), (N, D), and its temperature."""
+    encoder, normalise, cfg = query_encoder(checkpoint)
+    out = [F.normalize(encoder(normalise(x)).float(), dim=1) for x in images.split(batch)]  # [(b, D)]
     return torch.cat(out), cfg.model.temperature  # (N, D)
 
 

@@ -158,11 +158,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # - a visible blur (sigma 0.1-1.0 px; MoCo v2's range scaled to 28 px leaves the images unchanged): +0.45 / +0.48
     #   in 10-epoch runs with two seeds (docs/ablations.md);
     # - the last stage 256 wide instead of 128 (the feature width: linear protocol 89.40 after 40 epochs, 88.38 with
-    #   128 after 50; kNN k=200 near 86 from epoch 25) and 28 epochs, which fit 15 minutes on 2 Xeon cores (about
-    #   30 s an epoch);
-    # - batches of 128 (lr 0.03 by the linear scaling), twice the steps per epoch: kNN 86.24 after 28 epochs
-    #   against 85.62 with 256 (85.34 against 84.46 at epoch 10; batches of 64 learned no faster per epoch than 128
-    #   and took longer).
+    #   128 after 50; kNN k=200 near 86 from epoch 25) and 28 epochs;
+    # - batches of 128 (lr 0.03 by the linear scaling), twice the steps per epoch: kNN 85.77 and 86.24 in two runs
+    #   of 28 epochs against 85.62 with 256 (linear protocol unchanged, 89.09), for about 25% more time an epoch:
+    #   14.3 minutes of training on 2 Xeon cores. Batches of 64 learned no faster per epoch than 128, and were slower.
     "cpu": {"model": dict(temperature=0.1, last_width=256),
             "data": dict(jitter_strength=0.8, crop_min_scale=0.6, blur_sigma=[0.1, 1.0], batch_size=128),
             "optim": dict(epochs=28)},
