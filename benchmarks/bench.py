@@ -105,6 +105,8 @@ class BenchSettings:
             keys.append("epochs")
         if self.overrides:
             keys.append("overrides")
+        if self.mode != "throughput" and self.seed != 0:  # another seed is another sample, kept beside seed 0's
+            keys.append("seed")
         return {k: getattr(self, k) for k in keys}
 
     def command(self) -> str:
@@ -739,7 +741,7 @@ def epoch_table(entries: list[dict[str, Any]], folder: str) -> list[str]:
         protocols = r["knn_protocols"]
         names = [n for n in ("ours", "reference") if n in r]
         lines += ["", f"### {machine_name(e['machine'])}, {recipe(e['settings'])}, {r['epochs']} epochs, "
-                  f"{e['date'][:10]} (`{e['commit']}`)", "",
+                  f"seed {e['settings']['seed']}, {e['date'][:10]} (`{e['commit']}`)", "",
                   " ".join(f"{n}: {r[n]['minutes']:.1f} minutes in all, evaluation included." for n in names)
                   + f" Command: `{e['command']}`", "",
                   "| epoch | " + " | ".join(f"{n}: " + " / ".join(protocol_label(p) for p in protocols)
@@ -780,6 +782,7 @@ def bench(s: BenchSettings, out: str | Path = "docs/benchmarks", echo: Callable[
         # One file per setup: "-v3-cpu" for another preset, "-width-24" for --set width=24, "-ours" alone.
         variant = ("" if s.preset == C.DEFAULT_PRESET else f"-{s.preset}")
         variant += "".join(f"-{k}-{v}" for k, v in s.overrides.items()) + ("" if s.reference else "-ours")
+        variant += f"-seed{s.seed}" if s.seed != 0 else ""
         length = f"{s.minutes:g}min" if s.mode == "time-to-accuracy" else f"{result['epochs']}ep"
         name = f"{s.mode}-{entry['machine']['slug']}-{length}{variant}"
         entry["plot"] = re.sub(r"[^A-Za-z0-9._-]+", "-", name) + ".png"

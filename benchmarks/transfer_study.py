@@ -72,6 +72,13 @@ def setting(cfg: FinetuneConfig, checkpoints: dict[str, str | None]) -> str:
     return json.dumps({**fields, "checkpoints": checkpoints}, sort_keys=True)
 
 
+def stored_setting(row: dict[str, str], cfg: FinetuneConfig) -> str:
+    """A row's setting with the fields added to `cfg`'s class since it was written at their defaults, so that a
+    new option leaves finished rows matched."""
+    defaults = {k: v for k, v in asdict(type(cfg)()).items() if k not in NOT_SETTING}
+    return json.dumps({**defaults, **json.loads(row["setting"])}, sort_keys=True)
+
+
 def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, supervised_ckpt: str | None = None,
                    runs: str | Path = "runs/transfer", n_train: int = 1000, n_test: int = 300, size: int = 96,
                    detect: DetectionConfig | None = None, segment: SegmentationConfig | None = None,
@@ -97,15 +104,16 @@ def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, s
     reference = encoders["moco"]
     arch = reference.arch
     # a random small_cnn is built as wide as the pretrained one
-    shape = ({"width": reference.config.model.width, "last_width": reference.config.model.last_width}
-             if reference.config else {})
+    model = reference.config.model if reference.config else None
+    shape = {"width": model.width, "last_width": model.last_width, "depths": model.depths} if model else {}
     scenes = {"train": n_train, "test": n_test, "size": size}
     train, test = make_scenes(n_train, n_test, size)
     echo(f"scenes: {n_train} for fine-tuning, {n_test} for evaluation, {size}x{size} px, items from "
          "the Fashion-MNIST test split")
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
-    done = {(r["task"], r["init"], int(r["seed"]), r["setting"]) for r in rows if "setting" in r}
+    done = {(r["task"], r["init"], int(r["seed"]), stored_setting(r, configs[r["task"]]))
+            for r in rows if "setting" in r and r["task"] in configs}
     checkpoints = {"moco": moco, "supervised": supervised_ckpt, "scenes": json.dumps(scenes)}
     for task in tasks:
         cfg = replace(configs[task], **shape)
@@ -126,7 +134,8 @@ def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, s
                 done.add((task, init, seed, key))
                 write_rows(csv_path, rows)
     current = {task: setting(replace(configs[task], **shape), checkpoints) for task in tasks}
-    selected = [r for r in rows if r.get("setting") == current.get(r["task"]) and int(r["seed"]) in seeds]
+    selected = [r for r in rows if r["task"] in current and "setting" in r
+                and stored_setting(r, configs[r["task"]]) == current[r["task"]] and int(r["seed"]) in seeds]
     header = {"commit of each run": ", ".join(sorted({r["commit"] for r in selected})),
               "machine": machine(), "command": command("transfer"),
               "backbone": f"{arch} (width {shape['width']}, last stage {shape['last_width']})" if shape else arch,

@@ -4,7 +4,7 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -229,7 +229,13 @@ def test_cli_per_epoch_run_scores_both_after_every_epoch(tmp_path):
     assert (out / entry["plot"]).is_file() and entry["plot"].startswith("per-epoch-")
     table = B.table_path(out).read_text()
     gap = r["ours"]["curve"][1]["knn_top1"] - r["reference"]["curve"][1]["knn_top1"]
-    assert "## Accuracy per epoch" in table and f"| {gap:+.2f} |" in table
+    assert "## Accuracy per epoch" in table and f"| {gap:+.2f} |" in table and ", seed 0, " in table
+
+
+def test_another_seed_is_kept_beside_seed_0s_result():
+    zero, one = B.BenchSettings(mode="per-epoch", epochs=8), B.BenchSettings(mode="per-epoch", epochs=8, seed=1)
+    assert "seed" not in zero.setup() and one.setup() == {**zero.setup(), "seed": 1}  # seed 0: as stored before
+    assert "seed" not in replace(one, mode="throughput").setup()  # throughput does not depend on it
 
 
 def test_set_changes_the_recipe_and_a_bad_field_is_named(tmp_path, capsys):

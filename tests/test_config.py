@@ -58,6 +58,8 @@ def test_flat_yaml_fields_and_optional_values(tmp_path):
         (["--method", "simclr"], "method='simclr' is unknown; choose one of moco, end_to_end, memory_bank"),
         (["--method", "end_to_end", "--symmetric"], "symmetric loss is not implemented for method=end_to_end"),
         (["--precision", "fp8"], "precision='fp8' is unknown"),
+        (["--depths", "1", "2"], r"depths must be 4 numbers >= 1 \(layers in each stage of small_cnn\), got \[1, 2\]"),
+        (["--depths", "1", "0", "1", "1"], "depths must be 4 numbers >= 1"),
     ],
 )
 def test_configs_that_cannot_work_are_rejected_naming_the_field(argv, match):

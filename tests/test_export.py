@@ -188,7 +188,7 @@ def test_safetensors_export_of_this_projects_checkpoint_keeps_config_and_normali
         meta = f.metadata()
     assert meta["format"] == "moco-encoder" and meta["format_version"] == "1" and meta["layout"] == "moco-pretrain"
     assert json.loads(meta["backbone"]) == {"name": "small_cnn", "in_channels": 1, "width": 4, "small_stem": True,
-                                            "last_width": 32}
+                                            "last_width": 32, "depths": [1, 1, 1, 1]}
     assert C.from_dict(json.loads(meta["config"])) == source.config
     enc = read_safetensors(out)
     assert (enc.arch, enc.channels, enc.size, enc.mean, enc.std, enc.config) == (
@@ -196,17 +196,19 @@ def test_safetensors_export_of_this_projects_checkpoint_keeps_config_and_normali
     assert torch.equal(features(enc.backbone, 1, 28), features(source.backbone, 1, 28))
 
 
-def test_a_wider_last_stage_survives_checkpoint_and_safetensors(tmp_path):
+def test_a_wider_last_stage_and_deeper_stages_survive_checkpoint_and_safetensors(tmp_path):
     out = tmp_path / "run"
-    cfg = C.apply_overrides(C.preset("smoke"), {"width": 4, "last_width": 24, "dim": 8, "queue_size": 256,
-                                                "train_subset": 256, "out_dir": str(out), "progress": False})
+    cfg = C.apply_overrides(C.preset("smoke"), {"width": 4, "last_width": 24, "depths": [1, 1, 2, 1], "dim": 8,
+                                                "queue_size": 256, "train_subset": 256, "out_dir": str(out),
+                                                "progress": False})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pretrain(cfg, baselines=False, echo=lambda s: None)
     source = load_encoder(out / "checkpoint.pt")  # rebuilt from the stored config, loaded strictly
     convs = [m.out_channels for m in source.backbone.modules() if isinstance(m, nn.Conv2d)]
-    assert convs == [4, 8, 16, 24] and features(source.backbone, 1, 28).shape == (2, 24)
+    assert convs == [4, 8, 16, 16, 24] and features(source.backbone, 1, 28).shape == (2, 24)
     enc = read_safetensors(export_encoder(out / "checkpoint.pt", "safetensors", tmp_path / "e.safetensors").path)
+    assert enc.backbone.depths == [1, 1, 2, 1]
     assert torch.equal(features(enc.backbone, 1, 28), features(source.backbone, 1, 28))
 
 

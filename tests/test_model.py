@@ -260,6 +260,33 @@ def test_convert_split_bn_keeps_the_state():
     assert torch.all(net.features[1].running_mean == 0.5)
 
 
+def test_small_cnn_depths_add_layers_that_keep_width_and_resolution():
+    net = SmallCNN(1, 4, last_width=24, depths=[1, 1, 2, 1])
+    convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [
+        (1, 4, 1), (4, 8, 2), (8, 16, 2), (16, 16, 1), (16, 24, 2)]
+    assert net.stage_ends == [2, 5, 11, 14] and all(isinstance(net.features[i], nn.ReLU) for i in net.stage_ends)
+    maps, x = [], torch.randn(2, 1, 28, 28)
+    for i, layer in enumerate(net.features):
+        x = layer(x)
+        if i in net.stage_ends:
+            maps.append(tuple(x.shape[1:]))
+    assert maps == [(4, 28, 28), (8, 14, 14), (16, 7, 7), (24, 4, 4)]
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 24)
+
+
+def test_small_cnn_default_keeps_the_parameter_names_of_older_checkpoints():
+    names = [n for n in SmallCNN(1, 4).state_dict() if n.endswith("weight")]
+    assert names == ["features.0.weight", "features.1.weight", "features.3.weight", "features.4.weight",
+                     "features.6.weight", "features.7.weight", "features.9.weight", "features.10.weight"]
+
+
+@pytest.mark.parametrize("depths", [[1, 1, 1], [1, 0, 1, 1]])
+def test_small_cnn_rejects_depths_that_are_not_four_stages(depths):
+    with pytest.raises(ConfigError, match="4 stages"):
+        SmallCNN(1, 4, depths=depths)
+
+
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
 def test_encoders_for_small_images(arch):
     cfg = ModelConfig(arch=arch, width=8, dim=16)

@@ -1,5 +1,7 @@
 """Dense-task transfer: built-in scenes, COCO/VOC files, Faster/Mask R-CNN and segmentation fine-tuning."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -279,6 +281,18 @@ def test_the_transfer_study_command_writes_its_table(tmp_path):
                        "--scenes-train", "8", "--scenes-test", "4", "--iterations", "2", "--batch-size", "2",
                        "--threads", "1", "--out", str(out), "--seeds", "0", "1", "--tasks", "segment"]) == 0
     assert (out / "results.csv").read_text().splitlines() == rows
+    # rows written before FinetuneConfig had `depths` (then at its default) still count as finished
+    from benchmarks.provenance import read_rows, write_rows
+    older = read_rows(out / "results.csv")
+    for r in older:
+        setting = json.loads(r["setting"])
+        del setting["depths"]
+        r["setting"] = json.dumps(setting, sort_keys=True)
+    write_rows(out / "results.csv", older)
+    assert benchmarks(["transfer", "--moco", str(tmp_path / "moco" / "checkpoint.pt"), "--supervised", str(sup),
+                       "--scenes-train", "8", "--scenes-test", "4", "--iterations", "2", "--batch-size", "2",
+                       "--threads", "1", "--out", str(out), "--seeds", "0", "1", "--tasks", "segment"]) == 0
+    assert len(read_rows(out / "results.csv")) == len(older)
     assert benchmarks(["transfer", "--moco", str(tmp_path / "moco" / "checkpoint.pt"), "--supervised", str(sup),
                        "--scenes-train", "8", "--scenes-test", "4", "--iterations", "2", "--batch-size", "2",
                        "--threads", "1", "--out", str(out), "--seeds", "0", "--tasks", "segment",
@@ -296,3 +310,13 @@ def test_the_transfer_claim_needs_both_gaps_beyond_the_seeds() -> None:
     # supervised 10 above random with ranges of 2: shown; 1.5 above: not
     assert judge(moco, spread([21.5, 23.5]), rand) == "not shown: supervised not above random"
     assert judge(moco, sup, spread([20.0])) == "not yet (one seed)"
+
+
+def test_a_deeper_small_cnn_is_cut_at_its_stage_ends():
+    from moco.model import SmallCNN
+    from moco.transfer.finetune import backbone_stages
+
+    stages = backbone_stages(SmallCNN(1, 4, last_width=24, depths=[1, 2, 1, 1]))
+    assert stages.outputs == ["2", "8", "11", "14"]  # the ReLU closing each stage
+    assert stages.channels == [4, 8, 16, 24]
+    assert stages.units == [["0", "1"], ["3", "4", "6", "7"], ["9", "10"], ["12", "13"]]  # convs and BNs

@@ -67,7 +67,8 @@ def _ours(state: dict[str, Any], path: Path) -> LoadedEncoder:
     # Pretraining checkpoints say where the method keeps its backbone; supervised ones are Sequential(backbone, fc).
     prefix = state.get("backbone", "encoder_q.backbone") + "." if kind == PRETRAIN else "0."
     backbone = build_backbone(cfg.model.arch, data["channels"], cfg.model.width, cfg.model.small_stem, data["size"],
-                              cfg.model.patch_size, last_width=cfg.model.last_width)
+                              cfg.model.patch_size, last_width=cfg.model.last_width,
+                              depths=cfg.model.depths)
     layout = "moco-pretrain" if kind == PRETRAIN else "supervised"
     _load_strict(backbone, _strip(state["model"], prefix), path, layout)
     return LoadedEncoder(backbone.eval(), layout, cfg.model.arch, data["channels"], data["size"], data["mean"],
@@ -160,6 +161,7 @@ def write_safetensors(encoder: LoadedEncoder, path: str | Path) -> None:
                     "small_stem": convs[0].shape[-1] == 3}
         if encoder.arch == "small_cnn":
             backbone["last_width"] = convs[-1].shape[0]
+            backbone["depths"] = list(encoder.backbone.depths)
     metadata = {
         "format": SAFETENSORS_FORMAT, "format_version": str(SAFETENSORS_VERSION), "arch": encoder.arch,
         "layout": encoder.layout, "channels": json.dumps(encoder.channels), "image_size": json.dumps(encoder.size),

@@ -5,6 +5,7 @@ A backbone maps images (B, C, H, W) to features (B, D) and exposes `out_dim = D`
 """
 
 import math
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -21,28 +22,39 @@ BACKBONES = ("small_cnn", *RESNETS, *VITS)
 
 
 class SmallCNN(nn.Module):
-    """Four 3x3 conv-BN-ReLU stages (width, 2w, 4w, 8w), stride 2 from the second, global pool.
+    """Four stages of 3x3 conv-BN-ReLU layers (width, 2w, 4w, 8w channels), stride 2 from the second, global pool.
 
     With width 16, a MoCo step on 28x28 inputs runs at about 3,500 (fp32) to 4,300 (bf16) images/s on 2
     Zen 4 cores (README, Speed): the default for CPU runs. `last_width` widens the last stage alone, which is
     also the feature width: it runs on a 4x4 map at 28 px, so 256 instead of 128 channels doubles what a linear
     classifier sees for about 1.3-1.5x the time of a step (width 32, which doubles every stage: about 2x).
+    `depths` gives each stage's number of layers (one each by default); the first layer of a stage changes the
+    width and the resolution, the others keep both. The layers stay one flat `features` sequence, so the
+    default's parameter names are those of checkpoints written before stages could be deeper.
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 32, last_width: int | None = None) -> None:
+    def __init__(self, in_channels: int = 1, width: int = 32, last_width: int | None = None,
+                 depths: Sequence[int] = (1, 1, 1, 1)) -> None:
         super().__init__()
+        if len(depths) != 4 or min(depths) < 1:
+            raise ConfigError(f"small_cnn has 4 stages of at least one layer each; got depths {list(depths)}")
         widths = [width, 2 * width, 4 * width, last_width or 8 * width]
         layers: list[nn.Module] = []
+        self.stage_ends: list[int] = []  # index in `features` of each stage's last module (its last ReLU)
         c_in = in_channels
-        for i, c_out in enumerate(widths):
-            layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
-            ]
-            c_in = c_out
+        for i, (c_out, depth) in enumerate(zip(widths, depths)):
+            for j in range(depth):
+                stride = 2 if i > 0 and j == 0 else 1
+                layers += [
+                    nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True),
+                ]
+                c_in = c_out
+            self.stage_ends.append(len(layers) - 1)
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.widths, self.depths = widths, list(depths)
         self.out_dim = widths[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,10 +162,11 @@ def vit_recipe(weights: dict[str, torch.Tensor]) -> dict[str, object]:
 
 def build_backbone(name: str, in_channels: int, width: int = 32, small_stem: bool = True,
                    image_size: int | None = None, patch_size: int | None = None,
-                   zero_init_residual: bool = False, last_width: int | None = None) -> nn.Module:
+                   zero_init_residual: bool = False, last_width: int | None = None,
+                   depths: Sequence[int] = (1, 1, 1, 1)) -> nn.Module:
     """The backbone called `name` (one of BACKBONES); ViTs are built for `image_size`."""
     if name == "small_cnn":
-        return SmallCNN(in_channels, width, last_width)
+        return SmallCNN(in_channels, width, last_width, depths)
     if name in RESNETS:
         return resnet(name, in_channels, small_stem, zero_init_residual)
     if name in VITS:

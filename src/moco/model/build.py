@@ -34,7 +34,7 @@ def build_encoder(cfg: ModelConfig, in_channels: int, image_size: int, backbone:
     if backbone is None:
         backbone = build_backbone(cfg.arch, in_channels, cfg.width, cfg.small_stem, image_size, cfg.patch_size,
                                   zero_init_residual=method_class(cfg.method).zero_init_residual,
-                                  last_width=cfg.last_width)
+                                  last_width=cfg.last_width, depths=cfg.depths)
     width = feature_dim(backbone, in_channels, image_size)
     layers = 3 if is_vit(backbone) else 2  # MoCo v3's projector depth; the v1/v2 heads have theirs
     head = build_head(cfg.head, width, cfg.dim, cfg.hidden_dim or width, layers)

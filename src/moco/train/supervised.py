@@ -56,7 +56,7 @@ def supervised(cfg: PretrainConfig, echo: Callable[[str], None] = print) -> Path
         raise ConfigError(f"supervised pre-training reads its images in memory, and {train.name} is {data.how}; "
                           "use a --train-subset that fits, or raise --memory-budget")
     backbone = build_backbone(m.arch, train.channels, m.width, m.small_stem, data.size, m.patch_size,
-                              last_width=m.last_width)
+                              last_width=m.last_width, depths=m.depths)
     model = nn.Sequential(backbone, nn.Linear(backbone.out_dim, int(train.labels.max()) + 1)).to(device)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)

@@ -59,6 +59,7 @@ class FinetuneConfig:
     width: int = opt(32, "random initialisation of small_cnn only: its width")
     last_width: int | None = opt(None, "random initialisation of small_cnn only: its last stage's width (none: 8x "
                                        "width)")
+    depths: list[int] = opt([1, 1, 1, 1], "random initialisation of small_cnn only: layers in each of its 4 stages")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     threads: int | None = opt(None, "torch CPU threads (default: torch's; 1 is faster on a busy machine)")
     seed: int = opt(0, "seed of the initialisation of new layers, the batches and flips")
@@ -101,9 +102,10 @@ class Stages:
 def backbone_stages(backbone: nn.Module) -> Stages:
     """The stages of a torchvision ResNet (stem = unit 0, then layer1..4) or of our SmallCNN (4 stages)."""
     if isinstance(backbone, SmallCNN):
-        convs = [i for i, m in enumerate(backbone.features) if isinstance(m, nn.Conv2d)]  # conv, bn, relu each
-        return Stages(backbone.features, [str(i + 2) for i in convs],
-                      [backbone.features[i].out_channels for i in convs], [[str(i), str(i + 1)] for i in convs])
+        starts = [0] + [end + 1 for end in backbone.stage_ends[:-1]]
+        units = [[str(i) for i in range(start, end + 1) if not isinstance(backbone.features[i], nn.ReLU)]
+                 for start, end in zip(starts, backbone.stage_ends)]  # conv-BN(-ReLU) layers of each stage
+        return Stages(backbone.features, [str(end) for end in backbone.stage_ends], backbone.widths, units)
     if all(hasattr(backbone, f"layer{k}") for k in range(1, 5)) and hasattr(backbone, "conv1"):
         layers = [f"layer{k}" for k in range(1, 5)]
         channels = [[m for m in getattr(backbone, n).modules() if isinstance(m, nn.Conv2d)][-1].out_channels
@@ -155,7 +157,8 @@ def prepare_backbone(encoder: LoadedEncoder | None, arch: str, channels: int, cf
         backbone = copy.deepcopy(encoder.backbone)
         channels, mean, std = encoder.channels, list(encoder.mean), list(encoder.std)
     else:
-        backbone = build_backbone(arch, channels, cfg.width, cfg.small_stem, last_width=cfg.last_width)
+        backbone = build_backbone(arch, channels, cfg.width, cfg.small_stem, last_width=cfg.last_width,
+                                  depths=cfg.depths)
         mean, std = data_mean_std
     stages = backbone_stages(backbone)
     n_frozen = max(0, len(stages.units) - cfg.trainable_layers)
