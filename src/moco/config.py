@@ -163,9 +163,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # - batches of 128 (lr 0.03 by the linear scaling), twice the steps per epoch: kNN 85.77 and 86.24 in two runs
     #   of 28 epochs against 85.62 with 256 (linear protocol unchanged, 89.09), for about 25% more time an epoch:
     #   14.3 minutes of training on 2 Xeon cores. Batches of 64 learned no faster per epoch than 128, and were slower.
-    #   A second layer in the third stage (`depths` 1 1 2 1) learned about as well (kNN 85.98 and 86.45, linear
-    #   89.22 and 89.14 against 85.91 and 88.79 on the same Zen 4) for about 19% more time an epoch: within the
-    #   runs' spread, so not adopted (docs/ablations.md, "At the full budget").
+    #   A second layer in the third stage (`depths` 1 1 2 1) did about as well (kNN 85.98 and 86.45, linear 89.22
+    #   and 89.14, against the preset's 85.91 and 85.28, 88.79 and 89.11 on the same Zen 4: within the runs'
+    #   spread) for 19% more time an epoch, so it was not adopted (docs/ablations.md, "At the full budget").
     "cpu": {"model": dict(temperature=0.1, last_width=256),
             "data": dict(jitter_strength=0.8, crop_min_scale=0.6, blur_sigma=[0.1, 1.0], batch_size=128),
             "optim": dict(epochs=28)},
