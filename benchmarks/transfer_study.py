@@ -138,7 +138,8 @@ def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, s
                 and stored_setting(r, configs[r["task"]]) == current[r["task"]] and int(r["seed"]) in seeds]
     header = {"commit of each run": ", ".join(sorted({r["commit"] for r in selected})),
               "machine": machine(), "command": command("transfer"),
-              "backbone": f"{arch} (width {shape['width']}, last stage {shape['last_width']})" if shape else arch,
+              "backbone": (f"{arch} (width {shape['width']}, last stage {shape['last_width']}, layers per stage "
+                           f"{' '.join(map(str, shape['depths']))})" if shape else arch),
               "scenes": f"{n_train} train / {n_test} test, {size}px, 1-5 Fashion-MNIST test-split items each",
               "moco checkpoint": moco, "supervised checkpoint": supervised_ckpt,
               **{f"{task} schedule": _schedule(configs[task]) for task in tasks},
