@@ -7,7 +7,8 @@ for the same number of optimizer steps, not epochs. Each run is scored by weight
 
 Studies:
     momentum     m in {0, 0.9, 0.99, 0.999, 0.9999} (paper Sec. 4.1: m=0 fails, 0.99-0.999 best)
-    queue        MoCo's K in {256, 1024, 4096, 16384} (paper Fig. 3: larger is better)
+    queue        MoCo's K in {16, 64, 256, 1024, 4096, 16384} (paper Fig. 3: larger is better; below 256 the queue
+                 holds part of the previous batch)
     mechanisms   MoCo, memory bank and end-to-end at equal K and equal steps (paper Fig. 3)
     shuffle_bn   shuffling BN on and off (paper Fig. 4: without it the pretext task is cheated)
     v1_v2        v1 (linear head, T=0.07, v1 augmentation), + MLP head and T=0.2, + aug+ (MoCo v2, Table 1)
@@ -40,6 +41,7 @@ STUDIES = ("momentum", "queue", "mechanisms", "shuffle_bn", "v1_v2")
 # T=0.1, crops of at least 60%, jitter 0.8 and a visible blur.
 BASE = {"temperature": 0.1, "crop_min_scale": 0.6, "jitter_strength": 0.8, "blur_sigma": [0.1, 1.0]}
 TRAIN_IMAGES = 60000  # Fashion-MNIST's training set: every run uses all of it
+QUEUE_SIZES = (16, 64, 256, 1024, 4096, 16384)  # the queue study's K, from a 16th of a batch to 27% of the data
 BASE_BATCH = 256  # the recipe's batch (the defaults'); end-to-end's larger batches get the same number of steps
 
 
@@ -64,7 +66,7 @@ def plan(studies: tuple[str, ...], epochs: int) -> list[Point]:
     if "momentum" in studies:
         points += [Point("momentum", f"m={m}", {"key_momentum": m}) for m in (0.0, 0.9, 0.99, 0.999, 0.9999)]
     if "queue" in studies:
-        points += [Point("queue", f"K={K}", {"queue_size": K}) for K in (256, 1024, 4096, 16384)]
+        points += [Point("queue", f"K={K}", {"queue_size": K}) for K in QUEUE_SIZES]
     if "mechanisms" in studies:
         for K in (256, 1024):  # end-to-end's K is its batch minus one: 255 and 1023
             points += [Point("mechanisms", f"moco K={K}", {"queue_size": K}),
@@ -222,6 +224,26 @@ def verdict(ok: bool, *points: Stat) -> str:
     return "**shown**" if ok else "not shown"
 
 
+def queue_verdict(q: dict[str, Stat]) -> str:
+    """Larger K is better: over all sizes (a trend, not two end points), or up to a size where it saturates.
+
+    Saturated at the i-th size: each size up to it beats the one before, and every larger size still beats the
+    size before it (larger is never worse than the rise, but no longer better)."""
+    sizes, names = list(q.values()), [n.removeprefix("K=") for n in q]  # in order of K
+    if any(p.seeds < 2 for p in sizes):
+        return "not yet (one seed)"
+    if beats(sizes[-1], sizes[0]) and not any(beats(a, b) for i, a in enumerate(sizes) for b in sizes[i + 1:]):
+        return "**shown**"
+    top = 0
+    while top + 1 < len(sizes) and beats(sizes[top + 1], sizes[top]):
+        top += 1
+    if top == 0 or not all(beats(p, sizes[top - 1]) for p in sizes[top + 1:]):
+        return "not shown"
+    flat = [p.mean for p in sizes[top:]]
+    return (f"**shown** up to K={names[top]} ({sizes[0].mean:.2f} -> {sizes[top].mean:.2f}); saturated from there "
+            f"(K={names[top]}-{names[-1]} within {max(flat) - min(flat):.2f})")
+
+
 def claims(table: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
     """(paper claim, paper's numbers, measured here, shown?) for every study with all its points measured."""
     s = {study: stats([r for r in table if r["study"] == study]) for study in STUDIES}
@@ -234,13 +256,10 @@ def claims(table: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
                     ", ".join(f"{n.removeprefix('m=')}: {v}" for n, v in m.items()),
                     verdict(beats(top, m["m=0.9"]) and beats(top, m["m=0.0"]), *m.values())))
     q = s["queue"]
-    if len(q) == 4:
-        sizes = list(q.values())  # in order of K
-        # the largest K beats the smallest, and no smaller K beats a larger one: a trend, not two end points
-        ok = beats(sizes[-1], sizes[0]) and not any(beats(a, b) for i, a in enumerate(sizes) for b in sizes[i + 1:])
+    if len(q) == len(QUEUE_SIZES):
         out.append(("a larger dictionary is better", "all three mechanisms improve as K grows (Fig. 3)",
                     ", ".join(f"{n.removeprefix('K=')}: {v}" for n, v in q.items()) +
-                    f" (the largest K is {16384 / TRAIN_IMAGES:.0%} of the training set)", verdict(ok, *q.values())))
+                    f" (the largest K is {QUEUE_SIZES[-1] / TRAIN_IMAGES:.0%} of the training set)", queue_verdict(q)))
     mech = s["mechanisms"]
     if len(mech) == 6:
         pairs = [(mech[f"moco K={K}"], mech[f"memory_bank K={K}"], mech[f"end_to_end K={K - 1}"]) for K in (256, 1024)]

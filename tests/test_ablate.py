@@ -62,7 +62,7 @@ def test_the_base_is_the_main_jobs_recipe_at_the_time() -> None:
 def test_a_run_shared_by_two_studies_is_made_once(tmp_path: Path, trained) -> None:
     A.ablate(tmp_path, studies=("momentum", "queue"), seeds=(0,), echo=lambda s: None)
     # m=0.99 with K=4096 is the preset itself, a point of both studies
-    assert len(trained) == 5 + 4 - 1
+    assert len(trained) == 5 + len(A.QUEUE_SIZES) - 1
     table = (tmp_path / "results.md").read_text()
     assert "| m=0.99 |" in table and "| K=4096 |" in table
 
@@ -135,7 +135,8 @@ def test_claims_are_judged_from_the_means_and_spreads() -> None:
 
 def test_the_queue_mechanism_and_v2_claims() -> None:
     table = [row("queue", f"K={K}", seed, v + 0.1 * seed)
-             for K, v in ((256, 83.0), (1024, 83.2), (4096, 83.3), (16384, 83.5)) for seed in (0, 1)]
+             for K, v in ((16, 82.0), (64, 82.7), (256, 83.0), (1024, 83.2), (4096, 83.3), (16384, 83.5))
+             for seed in (0, 1)]
     for K, moco, bank, e2e in ((256, 83.0, 80.0, 83.1), (1024, 83.2, 80.5, 84.5)):
         table += [row("mechanisms", n, seed, v + 0.1 * seed) for n, v in
                   ((f"moco K={K}", moco), (f"memory_bank K={K}", bank), (f"end_to_end K={K - 1}", e2e))
@@ -144,7 +145,7 @@ def test_the_queue_mechanism_and_v2_claims() -> None:
                                                                   ("+ MLP head, T=0.2", 83.0), ("+ aug+ (v2)", 83.05))
               for seed in (0, 1)]
     verdicts = [shown for _, _, _, shown in A.claims(table)]
-    # K grows and so does kNN; K=16384 is 0.5 above K=256, with seed ranges of 0.1: shown. The memory bank is 3 below MoCo at both K: shown.
+    # K grows and so does kNN; K=16384 is 1.5 above K=16, with seed ranges of 0.1: shown. The memory bank is 3 below MoCo at both K: shown.
     # End-to-end is 1.3 above MoCo at K=1023: not "on par". The MLP head gains 3: shown; aug+ 0.05: not.
     assert verdicts == ["**shown**", "**shown**", "not shown", "**shown**", "not shown"]
 
@@ -152,8 +153,21 @@ def test_the_queue_mechanism_and_v2_claims() -> None:
 def test_a_larger_queue_must_be_a_trend_not_two_end_points() -> None:
     # the largest K beats the smallest by more than the seeds' range, but K=256 also beats K=1024: no trend
     table = [row("queue", f"K={K}", seed, v + 0.2 * seed)
-             for K, v in ((256, 83.3), (1024, 82.9), (4096, 83.0), (16384, 83.6)) for seed in (0, 1)]
+             for K, v in ((16, 83.1), (64, 83.2), (256, 83.3), (1024, 82.9), (4096, 83.0), (16384, 83.6))
+             for seed in (0, 1)]
     assert [shown for _, _, _, shown in A.claims(table)] == ["not shown"]
+
+
+def test_a_larger_queue_is_shown_up_to_where_it_saturates() -> None:
+    knn = {16: 78.0, 64: 81.0, 256: 83.4, 1024: 83.15, 4096: 83.2, 16384: 83.6}
+    table = [row("queue", f"K={K}", seed, v + 0.1 * seed) for K, v in knn.items() for seed in (0, 1)]
+    # 16 < 64 < 256, each by more than the seed range; above, 1024 is 0.25 below 256 (beyond the range of 0.1)
+    # but every size from 1024 on beats K=64: larger is never worse than the rise, no longer better
+    assert A.claims(table)[0][3] == ("**shown** up to K=256 (78.05 -> 83.45); saturated from there "
+                                     "(K=256-16384 within 0.45)")
+    knn[4096] = 80.5  # a larger K below K=64: not a saturation
+    table = [row("queue", f"K={K}", seed, v + 0.1 * seed) for K, v in knn.items() for seed in (0, 1)]
+    assert A.claims(table)[0][3] == "not shown"
 
 
 def test_the_head_alone_is_judged_at_equal_temperature_and_augmentation() -> None:

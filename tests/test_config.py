@@ -43,8 +43,6 @@ def test_flat_yaml_fields_and_optional_values(tmp_path):
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["--queue-size", "64"], "queue_size K=64 is smaller than the 128 keys"),
-        (["--queue-size", "200", "--symmetric"], "x2 for symmetric"),
         (["--key-momentum", "1.0"], r"key_momentum \(m\) must be in \[0, 1\)"),
         (["--key-momentum", "-0.1"], "key_momentum"),
         (["--temperature", "0"], r"temperature \(T\) must be > 0"),

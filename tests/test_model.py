@@ -42,10 +42,26 @@ def test_queue_is_fifo_and_wraps_with_a_partial_batch():
     assert int(model.queue.ptr) == 0
 
 
-def test_a_batch_larger_than_the_queue_is_refused():
-    model = tiny_moco(K=4)
-    with pytest.raises(ConfigError, match="K=4"):
-        model.queue.push(torch.zeros(5, 4))
+def test_a_batch_larger_than_the_queue_keeps_its_last_k_keys():
+    model = tiny_moco(K=3, dim=2)
+    model.queue.push(torch.full((1, 2), 9.0))  # ptr 0 -> 1
+    model.queue.push(torch.arange(5.0).repeat(2, 1).T)  # keys 0..4: a FIFO of 3 ends holding 2, 3, 4
+    # the last three are written from the oldest slot on: slot 1 <- 2, slot 2 <- 3, slot 0 <- 4
+    assert model.queue.keys[:, 0].tolist() == [4.0, 2.0, 3.0]
+    assert int(model.queue.ptr) == 1  # slot 1 (key 2) is the oldest again
+
+
+def test_moco_with_a_queue_smaller_than_the_batch_uses_the_previous_batchs_last_keys():
+    model = tiny_moco(K=2, T=1.0)
+    x1, x2 = torch.randn(4, 6), torch.randn(4, 6)
+    _, _ = model(x1, x1)
+    keys_of_step_1 = model.queue.keys.clone()  # (2, D)
+    expected = F.normalize(model.encoder_k(x1), dim=1)[-2:]  # the last two keys of the first batch
+    assert torch.allclose(keys_of_step_1.sort(dim=0).values, expected.sort(dim=0).values, atol=1e-6)
+    logits, labels = model(x2, x2)
+    q = F.normalize(model.encoder_q(x2), dim=1)
+    assert logits.shape == (4, 3) and labels.tolist() == [0, 0, 0, 0]
+    assert torch.allclose(logits[:, 1:], q @ keys_of_step_1.T, atol=1e-5)
 
 
 def test_momentum_update_matches_hand_computation():

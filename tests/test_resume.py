@@ -52,7 +52,7 @@ def test_the_library_resumes_from_a_run_folder(run_dir):
 
 
 def test_supervised_ignores_the_methods_fields(tmp_path):
-    # a queue smaller than the batch would stop MoCo; supervised pre-training has no queue
+    # supervised pre-training has no queue and no split BN: their fields are not checked
     assert main(["supervised", "--preset", "smoke", "--queue-size", "8", "--bn-splits", "3", "--out-dir",
                  str(tmp_path), "--print-config"]) == 0
 

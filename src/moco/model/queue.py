@@ -10,8 +10,9 @@ from ..errors import ConfigError
 class KeyQueue(nn.Module):
     """K L2-normalised keys (buffers, so they are saved and moved with the model) and the oldest one's index.
 
-    Starts with random unit vectors; `push(keys)` overwrites the oldest entries, wrapping around the end,
-    for batches of any size up to K.
+    Starts with random unit vectors; `push(keys)` overwrites the oldest entries, wrapping around the end.
+    A batch of more than K keys keeps its last K, as a first-in-first-out queue of K would: this is what
+    lets the paper's queue-size study go below the batch size (K=16 with batches of 256).
     """
 
     def __init__(self, K: int, dim: int) -> None:
@@ -26,10 +27,10 @@ class KeyQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor) -> None:
-        """Write `keys` (B, D) over the B oldest entries."""
-        K, b = len(self), keys.shape[0]
-        if b > K:
-            raise ConfigError(f"a batch of {b} keys does not fit a queue of K={K}; make K >= batch")
+        """Write `keys` (B, D) over the B oldest entries; with B > K, its last K over all of them."""
+        K = len(self)
+        keys = keys[-K:]  # (min(B, K), D)
+        b = keys.shape[0]
         idx = (self.ptr + torch.arange(b, device=keys.device)) % K  # (B,)
         self.keys.index_copy_(0, idx, keys.to(self.keys.dtype))
         self.ptr.copy_((self.ptr + b) % K)
