@@ -167,8 +167,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     #   an epoch costs 19% more, so 24 epochs take the flat network's time for 28. In seven runs on a Zen 4 (24 or
     #   28 epochs, T=0.1 or 0.07) kNN was 85.98-86.45 (mean 86.23), against 85.28-86.24 (mean 85.80) in four of
     #   the flat network; the linear protocol 88.75-89.22, about as before (88.79-89.11). With 24 epochs the
-    #   README's command reached kNN 86.17, linear 88.92; with 28, 85.98 and 89.22, for more than 15 minutes on
-    #   a Xeon. T=0.07 gained 0.3 kNN on the flat network, nothing on this one; the symmetric loss (14 epochs,
+    #   README's command reached kNN 86.17, linear 88.92; with 28, 85.98 and 89.22, which would take about 17
+    #   minutes on the Xeon with AMX (estimated, not measured). T=0.07 gained 0.3 kNN on the flat network, nothing on this one; the symmetric loss (14 epochs,
     #   the same time) lost 0.6 (docs/ablations.md, "At the full budget").
     "cpu": {"model": dict(temperature=0.1, last_width=256, depths=[1, 1, 2, 1]),
             "data": dict(jitter_strength=0.8, crop_min_scale=0.6, blur_sigma=[0.1, 1.0], batch_size=128),

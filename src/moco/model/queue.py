@@ -31,6 +31,6 @@ class KeyQueue(nn.Module):
         K = len(self)
         keys = keys[-K:]  # (min(B, K), D)
         b = keys.shape[0]
-        idx = (self.ptr + torch.arange(b, device=keys.device)) % K  # (B,)
+        idx = (self.ptr + torch.arange(b, device=keys.device)) % K  # (min(B, K),)
         self.keys.index_copy_(0, idx, keys.to(self.keys.dtype))
         self.ptr.copy_((self.ptr + b) % K)
