@@ -1,6 +1,7 @@
 """Linear evaluation on a frozen backbone (the MoCo paper's protocol)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from moco.evaluate.linear import (
     BackboneChanged,
     LinearConfig,
     check_frozen,
+    holdout_split,
     linear_lr,
     linear_probe,
     new_classifier,
@@ -153,8 +155,49 @@ def test_bad_data_is_a_data_error():
     ("schedule", "linear", "schedule must be one of step, cosine"),
     ("augment", "v2", "augment must be one of none, crop"),
     ("lr_steps", [60, 0], "lr_steps must be a list, each an integer >= 1"),
+    ("lr_search", [10.0, -1.0], "lr_search must be a list, each a finite number > 0"),
 ])
 def test_bad_config_names_the_field(field, value, message):
     cfg = LinearConfig(**{field: value})
     with pytest.raises(ConfigError, match=message):
         linear_probe(encoder(), textures(16, 0), textures(16, 1), cfg, **quiet())
+
+
+def test_holdout_split_is_a_seeded_disjoint_tenth():
+    kept, held = holdout_split(50, seed=3)
+    assert (len(kept), len(held)) == (45, 5)
+    assert sorted(torch.cat([kept, held]).tolist()) == list(range(50))  # disjoint, and together all of them
+    again = holdout_split(50, seed=3)
+    assert torch.equal(again[1], held) and not torch.equal(holdout_split(50, seed=4)[1], held)
+    assert [len(part) for part in holdout_split(2, seed=0)] == [1, 1]  # one held out, one left to train on
+    with pytest.raises(DataError, match="at least 2 training images"):
+        holdout_split(1, seed=0)
+
+
+def subset(images: ImageSet, idx: torch.Tensor, name: str) -> ImageSet:
+    return ImageSet(images.images[idx], images.labels[idx], None, name)
+
+
+@pytest.mark.parametrize("augment", ["none", "crop"])
+def test_lr_search_scores_each_lr_on_held_out_training_images_then_retrains_the_best(augment):
+    loaded, train, test = encoder(), textures(80, 0), textures(32, 1)
+    cfg = LinearConfig(epochs=12, batch_size=16, lr_steps=[10], seed=5, augment=augment)
+    result = linear_probe(loaded, train, test, replace(cfg, lr_search=[1e-5, 30.0]), **quiet())
+    # Each candidate's score is exactly what a plain run scores when trained on the kept images and tested on the
+    # held-out ones: the search never sees the test set.
+    kept, held = holdout_split(80, seed=5)
+    for lr in (1e-5, 30.0):
+        alone = linear_probe(loaded, subset(train, kept, "kept"), subset(train, held, "held"), replace(cfg, lr=lr),
+                             **quiet())
+        assert result.search[lr] == alone.final_top1
+    assert result.search[30.0] > result.search[1e-5] + 20 and result.lr == 30.0
+    # The winner then trains on every training image, as a plain run with that lr does.
+    plain = linear_probe(loaded, train, test, replace(cfg, lr=30.0), **quiet())
+    assert result.history == plain.history and not plain.search
+    assert [h["lr"] for h in result.history] == pytest.approx([30.0 * 16 / 256] * 10 + [3.0 * 16 / 256] * 2)
+
+
+def test_lr_search_keeps_the_first_of_equal_scores():
+    result = linear_probe(encoder(), textures(40, 0), textures(16, 1),
+                          LinearConfig(epochs=1, batch_size=8, lr_search=[1e-9, 2e-9]), **quiet())
+    assert result.search[1e-9] == result.search[2e-9] and result.lr == 1e-9  # too small to change a prediction

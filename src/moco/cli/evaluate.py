@@ -56,8 +56,11 @@ def cmd_lincls(args: argparse.Namespace) -> int:
     train, test, device = _splits(args, encoder)
     results = linear_rows(f"{args.checkpoint} ({encoder.layout})", encoder, train, test, cfg, device,
                           args.baselines, progress=args.progress)
+    lr = (f"lr chosen from {', '.join(f'{x:g}' for x in cfg.lr_search)} on a held-out 10% of {train.name}"
+          if cfg.lr_search else f"lr {cfg.lr:g}")
     print(f"linear classification on {test.name} ({len(test)} images at {test.image_size} px; frozen features, "
-          f"protocol {cfg.protocol}: {cfg.epochs} epochs, lr {cfg.lr} {cfg.schedule}, batch {cfg.batch_size}, augment {cfg.augment})")
+          f"protocol {cfg.protocol}: {cfg.epochs} epochs, {cfg.schedule} schedule, {lr}, batch {cfg.batch_size}, "
+          f"augment {cfg.augment})")
     print("\n".join(linear_lines(results)))
     return 0
 

@@ -67,7 +67,8 @@ def linear_rows(name: str, encoder: LoadedEncoder, train: ImageSet, test: ImageS
 
 
 def linear_lines(results: dict[str, LinearResult], width: int = 40) -> list[str]:
-    """One line a row: best top-1 (its epoch), final top-1 and top-5 (where measured)."""
+    """One line a row: best top-1 (its epoch), final top-1 and top-5 (where measured), and the lr a search chose."""
     return [f"  {name:<{width}} best top-1 {r.best_top1:6.2f}% (epoch {r.best_epoch})   final top-1 "
             f"{r.final_top1:6.2f}%" + (f"  top-5 {r.final_top5:6.2f}%" if r.final_top5 is not None else "")
+            + (f"  (lr {r.lr:g} chosen)" if r.search else "")
             for name, r in results.items()]
