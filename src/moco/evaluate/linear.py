@@ -213,7 +213,8 @@ def linear_probe(
     echo: Callable[[str], None] = print,
     progress: bool = True,
 ) -> LinearResult:
-    """Train a linear classifier on the frozen `encoder` and report its test accuracy every epoch.
+    """Train a linear classifier on the frozen `encoder` and report its test accuracy every epoch; with
+    `cfg.lr_search`, first choose its lr on held-out training images (see the module docstring).
 
     The backbone is moved to `device`; its train/eval mode and requires_grad flags are restored on
     return. Raises BackboneChanged if any backbone tensor changed during training (see `check_frozen`).
