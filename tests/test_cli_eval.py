@@ -52,6 +52,16 @@ def test_lincls_command_prints_the_encoder_and_both_baselines(run_dir, capsys):
     assert result["raw pixels"] > 60  # a linear classifier on pixels is a strong baseline
 
 
+@pytest.mark.parametrize("command", ["knn", "lincls", "embed", "report"])
+def test_evaluation_help_prints(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith(f"usage: moco {command}")
+    if command == "lincls":  # a "%" in a help text must not break argparse's formatting
+        assert "--lr-search" in out and "held-out 10%, the one" in " ".join(out.split())
+
+
 def test_embed_and_report_commands(run_dir, tmp_path, capsys):
     out = tmp_path / "feats.npy"
     assert main(["embed", str(run_dir / "checkpoint.pt"), "fashion-mnist", "--split", "test", "--out", str(out)]) == 0

@@ -48,7 +48,7 @@ def add_fields(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: t
             continue
         tp, flag = hints[f.name], "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_ = f"{f.metadata.get('help', '')} (default: {_show(default)})"
+        help_ = f"{f.metadata.get('help', '')} (default: {_show(default)})".replace("%", "%%")  # argparse formats help
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_)
@@ -73,5 +73,5 @@ def build(args: argparse.Namespace, cls: type, defaults: Any = None) -> Any:
 
 def _show(value: Any) -> str:
     if isinstance(value, list):
-        return " ".join(map(str, value))
+        return " ".join(map(str, value)) or "none"
     return "none" if value is None else str(value)

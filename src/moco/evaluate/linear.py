@@ -76,7 +76,7 @@ class LinearConfig:
     seed: int = opt(0, "seed of the classifier's initialisation and the data order")
     lr_search: list[float] = opt([], "learning rates to choose lr from, as the paper chose its lr by grid search: "
                                      "each trains on the training set less a held-out 10%, the one with the best "
-                                     "final held-out top-1 then trains on all of it (empty: use lr)")
+                                     "final held-out top-1 then trains on all of it (none: use lr)")
 
 
 @dataclass
