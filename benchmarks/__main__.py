@@ -67,7 +67,8 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         """The task's default config, its schedule (warm-up, lr steps) stretched to --iterations."""
         cfg = cls()
         changes = {k: v for k, v in (("batch_size", args.batch_size), ("threads", args.threads), ("lr", args.lr),
-                                     ("norm", args.norm), ("trainable_layers", args.trainable_layers))
+                                     ("norm", args.norm), ("trainable_layers", args.trainable_layers),
+                                     ("clip_grad", args.clip_grad))
                    if v is not None}
         if args.iterations is not None:
             scale = args.iterations / cfg.iterations
@@ -177,6 +178,7 @@ def build_parser() -> Parser:
     p.add_argument("--norm", choices=("bn", "frozen", "syncbn"), help="the backbone's normalisation while "
                    "fine-tuning (default: the fine-tuning configs')")
     p.add_argument("--trainable-layers", type=int, help="backbone units trained, from the last (default: all)")
+    p.add_argument("--clip-grad", type=float, help="clip the gradients' global L2 norm to this (default: no clipping)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tuning seeds of every initialisation")
     p.add_argument("--tasks", nargs="+", choices=("detect", "segment"), default=["detect", "segment"])
     p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -7,6 +7,7 @@ split, which pretraining never sees. The paper's claim, MoCo >= supervised >> ra
 the seeds. Results: a CSV, a Markdown table with the claims, plots, with the commit, machine and command.
 """
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -66,10 +67,16 @@ def judge(moco: Spread, sup: Spread, rand: Spread) -> str:
     return "**shown**" if not failed else "not shown: " + ", ".join(failed)
 
 
-def setting(cfg: FinetuneConfig, checkpoints: dict[str, str | None]) -> str:
+def setting(cfg: FinetuneConfig, checkpoints: dict[str, object]) -> str:
     """What a finished row is matched on: the schedule and the checkpoints, not the seed or the threads."""
     fields = {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTING}
     return json.dumps({**fields, "checkpoints": checkpoints}, sort_keys=True)
+
+
+def file_digest(path: str) -> str:
+    """The first 16 hex digits of the file's SHA-256."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def stored_setting(row: dict[str, str], cfg: FinetuneConfig) -> str:
@@ -114,7 +121,9 @@ def transfer_study(out: str | Path = "docs/transfer", moco: str | None = None, s
     rows = read_rows(csv_path)
     done = {(r["task"], r["init"], int(r["seed"]), stored_setting(r, configs[r["task"]]))
             for r in rows if "setting" in r and r["task"] in configs}
-    checkpoints = {"moco": moco, "supervised": supervised_ckpt, "scenes": json.dumps(scenes)}
+    # a checkpoint is matched on its bytes as well as its path: a new pretraining run at the same path is new rows
+    checkpoints = {"moco": moco, "supervised": supervised_ckpt, "scenes": json.dumps(scenes),
+                   "sha256": {"moco": file_digest(moco), "supervised": file_digest(supervised_ckpt)}}
     for task in tasks:
         cfg = replace(configs[task], **shape)
         key = setting(cfg, checkpoints)

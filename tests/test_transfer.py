@@ -17,7 +17,7 @@ from moco.model.backbones import resnet
 from moco.transfer import scenes as scenes_module
 from moco.transfer.coco import read_coco, read_scenes, read_voc, write_scenes
 from moco.transfer.detection import DetectionConfig, build_detector, detection_inputs, finetune_detection
-from moco.transfer.finetune import finetune_loop
+from moco.transfer.finetune import FinetuneConfig, finetune_loop
 from moco.transfer.scenes import FOREGROUND_THRESHOLD, IGNORE, Scenes, make_scenes, scene_pools
 from moco.transfer.segmentation import (
     SegmentationConfig,
@@ -178,10 +178,28 @@ def test_frozen_norm_keeps_the_statistics_bn_updates_them(checkpoint, tiny, norm
 
 
 @pytest.mark.parametrize("bad", [dict(norm="group"), dict(lr_steps=[400]), dict(trainable_layers=6),
-                                 dict(model="c4"), dict(batch_size=0)])
+                                 dict(model="c4"), dict(batch_size=0), dict(clip_grad=0.0)])
 def test_a_config_that_cannot_work_is_named(tiny, bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         build_detector(None, "resnet18", tiny[0], DetectionConfig(**bad))
+
+
+@pytest.mark.parametrize("clip", [None, 1.0, 20.0])
+def test_clipping_scales_the_global_gradient_norm_down_to_the_limit(clip):
+    """Two parameters with gradients (3, 4) and (12,): global norm 13. Clipped to 1, the first SGD step (no
+    momentum yet, lr 0.5, no decay) moves them by lr * g / 13; a limit above 13 and no limit leave the step alone."""
+    model = nn.Module()
+    model.a, model.b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    cfg = FinetuneConfig(iterations=1, lr=0.5, weight_decay=0.0, warmup_iters=0, lr_steps=[], log_every=1,
+                         clip_grad=clip)
+
+    def step(indices, flips):
+        return model.a @ torch.tensor([3.0, 4.0]) + 12 * model.b.sum()
+
+    finetune_loop(model, cfg, step, 2, echo=lambda s: None)
+    scale = 1 / 13 if clip == 1.0 else 1.0
+    assert torch.allclose(model.a, -0.5 * scale * torch.tensor([3.0, 4.0]))
+    assert torch.allclose(model.b, -0.5 * scale * torch.tensor([12.0]))
 
 
 def test_detector_overfits_a_fixed_batch(tiny):
@@ -298,6 +316,13 @@ def test_the_transfer_study_command_writes_its_table(tmp_path):
                        "--threads", "1", "--out", str(out), "--seeds", "0", "--tasks", "segment",
                        "--norm", "frozen"]) == 0
     assert len((out / "results.csv").read_text().splitlines()) == len(rows) + 3
+    # a new checkpoint written at the same path is another setting: its rows are measured anew
+    pretrain(C.apply_overrides(cfg, {"seed": 1}), baselines=False, echo=lambda s: None)
+    assert benchmarks(["transfer", "--moco", str(tmp_path / "moco" / "checkpoint.pt"), "--supervised", str(sup),
+                       "--scenes-train", "8", "--scenes-test", "4", "--iterations", "2", "--batch-size", "2",
+                       "--threads", "1", "--out", str(out), "--seeds", "0", "--tasks", "segment",
+                       "--norm", "frozen"]) == 0
+    assert len((out / "results.csv").read_text().splitlines()) == len(rows) + 6
 
 
 def test_the_transfer_claim_needs_both_gaps_beyond_the_seeds() -> None:

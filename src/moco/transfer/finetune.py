@@ -50,6 +50,8 @@ class FinetuneConfig:
     warmup_iters: int = opt(20, "linear warm-up from lr * warmup_factor over these iterations")
     warmup_factor: float = opt(0.001, "the warm-up's starting fraction of lr")
     lr_steps: list[int] = opt([240, 315], "iterations where lr x0.1")
+    clip_grad: float | None = opt(None, "clip the gradients' global L2 norm to this (none: no clipping); "
+                                        "steadies detection with BN trained (docs/transfer.md)")
     norm: str = opt("bn", "backbone (and new layers') normalisation: frozen = torchvision's FrozenBatchNorm2d; "
                           "bn = trained (the paper's); syncbn = SyncBatchNorm, synchronised only under DDP")
     trainable_layers: int = opt(5, "backbone units trained, from the last (ResNet: 5 = stem and layer1-4; "
@@ -73,7 +75,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "norm": one_of(NORMS),
         "trainable_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 5,
                              "an integer in 0..5"),
-        "threads": optional(POSITIVE_INT),
+        "threads": optional(POSITIVE_INT), "clip_grad": optional(POSITIVE),
         "warmup_iters": (lambda v: isinstance(v, int) and 0 <= v <= cfg.iterations, "in 0..iterations"),
         "warmup_factor": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "in (0, 1]"),
         "lr_steps": (lambda v: list(v) == sorted(v) and all(0 < s < cfg.iterations for s in v),
@@ -232,7 +234,8 @@ def finetune_loop(model: nn.Module, cfg: FinetuneConfig,
         return step_loss(indices, flips)
 
     for iteration, loss in sgd_steps(optimizer, lambda i: finetune_lr(cfg, i), range(cfg.iterations), batch_loss,
-                                     "lower --lr or lengthen the warm-up (--warmup-iters)"):
+                                     "lower --lr, lengthen the warm-up (--warmup-iters) or clip (--clip-grad)",
+                                     cfg.clip_grad):
         losses.append(loss.item())
         if (iteration + 1) % cfg.log_every == 0 or iteration + 1 == cfg.iterations:
             recent = losses[-cfg.log_every:]
