@@ -40,6 +40,9 @@ class DetectionConfig(FinetuneConfig):
     model: str = opt("faster", "faster: Faster R-CNN (box AP) | mask: Mask R-CNN (box and mask AP)")
     fpn_channels: int = opt(64, "FPN width (torchvision's 256 is sized for 800 px images)")
     representation: int = opt(256, "width of the box head's two fc layers (torchvision: 1024)")
+    # With BN trained, full-lr steps right after a short warm-up can wreck a pretrained backbone for good: a
+    # supervised one fell to 5.6 box AP after 20 warm-up iterations and reached 42.9 after 100 (docs/transfer.md).
+    warmup_iters: int = opt(100, "linear warm-up from lr * warmup_factor over these iterations")
 
 
 def check_detection_config(cfg: DetectionConfig) -> None:
