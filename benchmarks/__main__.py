@@ -74,6 +74,8 @@ def cmd_transfer(args: argparse.Namespace) -> None:
             scale = args.iterations / cfg.iterations
             changes |= {"iterations": args.iterations, "warmup_iters": int(cfg.warmup_iters * scale),
                         "lr_steps": [max(1, int(step * scale)) for step in cfg.lr_steps]}
+        if args.warmup_iters is not None:
+            changes["warmup_iters"] = args.warmup_iters
         return replace(cfg, **changes)
 
     path = transfer_study(args.out, args.moco, args.supervised, args.runs, args.scenes_train, args.scenes_test,
@@ -178,6 +180,8 @@ def build_parser() -> Parser:
     p.add_argument("--norm", choices=("bn", "frozen", "syncbn"), help="the backbone's normalisation while "
                    "fine-tuning (default: the fine-tuning configs')")
     p.add_argument("--trainable-layers", type=int, help="backbone units trained, from the last (default: all)")
+    p.add_argument("--warmup-iters", type=int, help="fine-tuning warm-up iterations (default: the fine-tuning "
+                   "configs', scaled with --iterations)")
     p.add_argument("--clip-grad", type=float, help="clip the gradients' global L2 norm to this (default: no clipping)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tuning seeds of every initialisation")
     p.add_argument("--tasks", nargs="+", choices=("detect", "segment"), default=["detect", "segment"])
