@@ -50,8 +50,8 @@ class FinetuneConfig:
     warmup_iters: int = opt(20, "linear warm-up from lr * warmup_factor over these iterations")
     warmup_factor: float = opt(0.001, "the warm-up's starting fraction of lr")
     lr_steps: list[int] = opt([240, 315], "iterations where lr x0.1")
-    clip_grad: float | None = opt(None, "clip the gradients' global L2 norm to this (none: no clipping); "
-                                        "steadies detection with BN trained (docs/transfer.md)")
+    clip_grad: float | None = opt(None, "clip the gradients' global L2 norm to this before each step (none: no "
+                                        "clipping)")
     norm: str = opt("bn", "backbone (and new layers') normalisation: frozen = torchvision's FrozenBatchNorm2d; "
                           "bn = trained (the paper's); syncbn = SyncBatchNorm, synchronised only under DDP")
     trainable_layers: int = opt(5, "backbone units trained, from the last (ResNet: 5 = stem and layer1-4; "
