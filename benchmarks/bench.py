@@ -735,7 +735,9 @@ def epoch_table(entries: list[dict[str, Any]], folder: str) -> list[str]:
     lines = ["", "## Accuracy per epoch", "",
              "kNN top-1 on the 10,000 test images after every epoch, ours and the reference trained with the same "
              "recipe, schedule length and seed, each with its own augmentation, loss and momentum code; the "
-             "evaluation is the same function (the protocols of the time-to-accuracy section)."]
+             "evaluation is the same function (the protocols of the time-to-accuracy section). First the summaries "
+             "over seeds, then every run."]
+    lines += seed_table(entries)
     for e in entries:
         r = e["result"]
         protocols = r["knn_protocols"]
@@ -754,6 +756,54 @@ def epoch_table(entries: list[dict[str, Any]], folder: str) -> list[str]:
                 cells.append(f"{point['knn_top1'] - r['reference']['curve'][i]['knn_top1']:+.2f}")
             lines.append(f"| {point['epoch']} | " + " | ".join(cells) + " |")
         lines += ["", f"![accuracy per epoch]({folder}/{e['plot']})"]
+    return lines
+
+
+def seed_groups(entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Per-epoch runs of both implementations that differ only in the seed, grouped (machine and setup alike),
+    groups of two seeds or more, in the order of their first run."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        if "reference" in e["result"]:
+            setup = {k: v for k, v in e["setup"].items() if k != "seed"}
+            key = json.dumps([machine_name(e["machine"]), e["machine"]["slug"], setup], sort_keys=True)
+            groups.setdefault(key, []).append(e)
+    return [g for g in groups.values() if len({e["settings"]["seed"] for e in g}) >= 2]
+
+
+def seed_summary(group: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per epoch, over the seeds of `group`: the mean kNN (k=200) of ours and of the reference, and the mean of
+    their paired difference (ours - reference) with its standard deviation, standard error and the number of seeds
+    at or above the reference."""
+    rows = []
+    for i in range(min(min(len(e["result"][n]["curve"]) for n in ("ours", "reference")) for e in group)):
+        ours = [e["result"]["ours"]["curve"][i]["knn_top1"] for e in group]
+        reference = [e["result"]["reference"]["curve"][i]["knn_top1"] for e in group]
+        diff = [o - r for o, r in zip(ours, reference)]
+        sd = statistics.stdev(diff)
+        rows.append({"epoch": group[0]["result"]["ours"]["curve"][i]["epoch"], "ours": statistics.fmean(ours),
+                     "reference": statistics.fmean(reference), "diff": statistics.fmean(diff), "sd": sd,
+                     "se": sd / math.sqrt(len(diff)), "at_or_above": sum(d >= 0 for d in diff)})
+    return rows
+
+
+def seed_table(entries: list[dict[str, Any]]) -> list[str]:
+    """The per-epoch section's summary over seeds: one table for each group of runs that differ only in the seed."""
+    lines = []
+    for group in seed_groups(entries):
+        e, n = group[0], len(group)
+        seeds = ", ".join(str(s) for s in sorted(x["settings"]["seed"] for x in group))
+        commits = ", ".join(dict.fromkeys(f"`{x['commit']}`" for x in group))
+        lines += ["", f"### Over {n} seeds: {machine_name(e['machine'])}, {recipe(e['settings'])}, "
+                  f"{e['result']['epochs']} epochs", "",
+                  f"Seeds {seeds} (the runs above; commits {commits}). kNN k=200: the mean of each implementation, "
+                  "and ours - reference paired by seed: its mean, standard deviation (SD) and standard error of the "
+                  "mean (SE = SD / sqrt(seeds)); a mean within about two SE of 0 cannot be told from no difference.",
+                  "", "| epoch | ours, mean | reference, mean | ours - reference: mean | SD | SE | seeds at or above |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in seed_summary(group):
+            lines.append(f"| {r['epoch']} | {r['ours']:.2f} | {r['reference']:.2f} | {r['diff']:+.2f} | "
+                         f"{r['sd']:.2f} | {r['se']:.2f} | {r['at_or_above']} of {n} |")
     return lines
 
 

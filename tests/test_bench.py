@@ -265,3 +265,31 @@ def test_the_data_path_benchmark_writes_every_figure(tmp_path):
     assert r["cores_per_gpu"]["ours"] == pytest.approx(1850 / r["per_core"]["ours"], abs=0.06)  # rounded to 0.1
     table = B.table_path(out).read_text()
     assert "## Data path" in table and f"| {r['ours_img_s']:.0f} (" in table
+
+
+def _epoch_run(seed: int, ours: list[float], reference: list[float], slug: str = "cpu-2c") -> dict:
+    """A per-epoch results entry as `bench` saves it, with only the fields the summary reads."""
+    setup = {"preset": "cpu", "epochs": len(ours), **({"seed": seed} if seed else {})}
+    curve = lambda values: [{"epoch": i + 1, "knn_top1": v} for i, v in enumerate(values)]  # noqa: E731
+    return {"setup": setup, "settings": {"seed": seed, "preset": "cpu"}, "commit": f"c{seed}",
+            "machine": {"cpu": "Some CPU", "slug": slug},
+            "result": {"epochs": len(ours), "ours": {"curve": curve(ours)}, "reference": {"curve": curve(reference)}}}
+
+
+def test_the_seed_summary_pairs_runs_by_seed():
+    """Differences (ours - reference) of 3 seeds: epoch 1: +1, -1, +3 (mean 1, SD 2, SE 2/sqrt 3);
+    epoch 2: 0, 0, -0.5. Another machine's run and a run without the reference are not in the group."""
+    runs = [_epoch_run(0, [81, 82], [80, 82]), _epoch_run(1, [80, 83], [81, 83]), _epoch_run(2, [85, 84], [82, 84.5]),
+            _epoch_run(3, [50, 50], [10, 10], slug="other-2c")]
+    alone = _epoch_run(4, [50, 50], [10, 10])
+    del alone["result"]["reference"]
+    (group,) = B.seed_groups(runs + [alone])
+    assert [e["settings"]["seed"] for e in group] == [0, 1, 2]
+    first, second = B.seed_summary(group)
+    assert first["epoch"] == 1 and first["ours"] == pytest.approx(82) and first["reference"] == pytest.approx(81)
+    assert (first["diff"], first["sd"], first["se"]) == pytest.approx((1.0, 2.0, 2 / 3**0.5))
+    assert first["at_or_above"] == 2 and second["at_or_above"] == 2
+    assert second["diff"] == pytest.approx(-0.5 / 3)
+    table = "\n".join(B.seed_table(runs))
+    assert "### Over 3 seeds: Some CPU, cpu, 2 epochs" in table
+    assert "| 1 | 82.00 | 81.00 | +1.00 | 2.00 | 1.15 | 2 of 3 |" in table
