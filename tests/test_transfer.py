@@ -17,7 +17,7 @@ from moco.model.backbones import resnet
 from moco.transfer import scenes as scenes_module
 from moco.transfer.coco import read_coco, read_scenes, read_voc, write_scenes
 from moco.transfer.detection import DetectionConfig, build_detector, detection_inputs, finetune_detection
-from moco.transfer.finetune import FinetuneConfig, finetune_loop
+from moco.transfer.finetune import FinetuneConfig, calibration_batches, finetune_loop
 from moco.transfer.scenes import FOREGROUND_THRESHOLD, IGNORE, Scenes, make_scenes, scene_pools
 from moco.transfer.segmentation import (
     SegmentationConfig,
@@ -139,23 +139,23 @@ def test_detection_runs_end_to_end_from_random_and_from_a_moco_checkpoint(tiny, 
     assert "moco-v1/v2" in lines[0]
 
 
-@pytest.mark.parametrize("norm", ["bn", "frozen"])
+@pytest.mark.parametrize("norm", ["bn", "frozen", "recalibrated"])
 def test_pretrained_weights_arrive_in_the_detector_and_the_encoder_stays_untouched(checkpoint, tiny, norm):
     encoder = load_encoder(checkpoint)
     before = {k: v.clone() for k, v in encoder.backbone.state_dict().items()}
     body = build_detector(encoder, "resnet18", tiny[0], DetectionConfig(norm=norm, trainable_layers=3)).backbone.body
     mine = body.state_dict()
     for name, value in before.items():
-        if not name.endswith("num_batches_tracked"):
+        if not name.endswith("num_batches_tracked") and not (norm == "recalibrated" and "running" in name):
             assert torch.equal(mine[name], value), name
     assert isinstance(body.bn1, FrozenBatchNorm2d) and not body.layer1[0].conv1.weight.requires_grad  # below 3
-    assert isinstance(body.layer4[0].bn1, FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d)
+    assert isinstance(body.layer4[0].bn1, nn.BatchNorm2d if norm == "bn" else FrozenBatchNorm2d)
     assert body.layer2[0].conv1.weight.requires_grad
     assert all(torch.equal(v, before[k]) for k, v in encoder.backbone.state_dict().items())
     assert isinstance(encoder.backbone.bn1, nn.BatchNorm2d)
 
 
-@pytest.mark.parametrize("norm", ["frozen", "bn"])
+@pytest.mark.parametrize("norm", ["frozen", "recalibrated", "bn"])
 def test_frozen_norm_keeps_the_statistics_bn_updates_them(checkpoint, tiny, norm):
     train, _ = tiny
     encoder = load_encoder(checkpoint)
@@ -171,10 +171,36 @@ def test_frozen_norm_keeps_the_statistics_bn_updates_them(checkpoint, tiny, norm
     finetune_loop(model, cfg, step, len(train), echo=lambda s: None)
     changed = [k for k, v in body.state_dict().items() if "running" in k and not torch.equal(v, stats[k])]
     assert not torch.equal(body.layer3[0].conv1.weight, conv)  # the weights train either way
-    if norm == "frozen":
-        assert not changed and not any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
-    else:
+    if norm == "bn":
         assert len(changed) == len(stats)
+    else:
+        assert not changed and not any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
+
+
+def test_recalibrated_norm_holds_the_fine_tuning_images_statistics(checkpoint, tiny):
+    """AdaBN by hand: the first BN's frozen statistics are the mean and unbiased variance, per channel, of the first
+    conv's output over the training scenes (normalised as the encoder's inputs; 6 scenes, one calibration batch)."""
+    train, _ = tiny
+    encoder = load_encoder(checkpoint)
+    body = build_detector(encoder, "resnet18", train, DetectionConfig(norm="recalibrated")).backbone.body
+    x = torch.stack([img.float() / 255 for img in train.images])  # (6, 1, 48, 48)
+    x = (x - torch.tensor(encoder.mean).view(1, -1, 1, 1)) / torch.tensor(encoder.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        y = encoder.backbone.conv1(x).transpose(0, 1).flatten(1)  # (C, 6 * H * W)
+    assert torch.allclose(body.bn1.running_mean, y.mean(1), atol=1e-5)
+    assert torch.allclose(body.bn1.running_var, y.var(1), rtol=1e-4)
+    assert not torch.allclose(body.bn1.running_mean, encoder.backbone.bn1.running_mean, atol=1e-3)
+    assert torch.equal(body.bn1.weight, encoder.backbone.bn1.weight)  # the affine stays the pretrained one
+
+
+def test_calibration_batches_hold_images_of_one_size():
+    sizes = [(8, 8), (8, 10), (8, 8), (8, 8), (8, 10)]
+    images = [torch.full((1, *hw), 51 * i, dtype=torch.uint8) for i, hw in enumerate(sizes)]
+    empty = [torch.zeros(0)] * len(images)
+    scenes = Scenes(images, empty, empty, empty, empty, ["a"], "mixed")
+    batches = list(calibration_batches(scenes, 3, batch_size=2, limit=4))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 8, 8), (1, 3, 8, 8), (1, 3, 8, 10)]
+    assert [round(float(b[j, 0, 0, 0]) * 5) for b in batches for j in range(len(b))] == [0, 2, 3, 1]  # 5th left out
 
 
 @pytest.mark.parametrize("bad", [dict(norm="group"), dict(lr_steps=[400]), dict(trainable_layers=6),

@@ -27,7 +27,7 @@ from ..checkpoints import LoadedEncoder
 from ..config import opt
 from ..errors import ConfigError
 from ..runtime import resolve_device
-from .finetune import FinetuneConfig, backbone_for, check_config, check_scenes, finetune_loop
+from .finetune import FIXED_NORMS, FinetuneConfig, backbone_for, check_config, check_scenes, finetune_loop
 from .scenes import Scenes, match_channels
 
 MODELS = ("faster", "mask")
@@ -58,7 +58,7 @@ def build_detector(encoder: LoadedEncoder | None, arch: str, scenes: Scenes, cfg
     canvas = scenes.canvas
     levels = stages.outputs[-FPN_STAGES:]
     fpn = BackboneWithFPN(stages.body, {name: str(i) for i, name in enumerate(levels)}, stages.channels[-FPN_STAGES:],
-                          cfg.fpn_channels, norm_layer=None if cfg.norm == "frozen" else nn.BatchNorm2d)
+                          cfg.fpn_channels, norm_layer=None if cfg.norm in FIXED_NORMS else nn.BatchNorm2d)
     if cfg.norm == "syncbn":
         fpn.fpn = nn.SyncBatchNorm.convert_sync_batchnorm(fpn.fpn)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def build_detector(encoder: LoadedEncoder | None, arch: str, scenes: Scenes, cfg
     return MaskRCNN(
         fpn, **common,
         mask_roi_pool=MultiScaleRoIAlign(names, 14, 2, canonical_scale=canvas // 2, canonical_level=coarsest),
-        mask_head=MaskRCNNHeads(c, (c,) * 4, 1, norm_layer=None if cfg.norm == "frozen" else nn.BatchNorm2d),
+        mask_head=MaskRCNNHeads(c, (c,) * 4, 1, norm_layer=None if cfg.norm in FIXED_NORMS else nn.BatchNorm2d),
         mask_predictor=MaskRCNNPredictor(c, c, scenes.num_classes + 1),
     )
 

@@ -8,7 +8,8 @@ The MoCo paper's transfer protocol (Sec. 4.2), at the scale of a CPU:
     fine-tunes with BatchNorm trained (SyncBN across GPUs), also in the new layers, and with every
     backbone stage trainable (detectron2's FREEZE_AT 0). That is the default here: norm="bn",
     trainable_layers=5. norm="frozen" is torchvision's default instead (FrozenBatchNorm2d: the
-    pretrained statistics and affine kept fixed); norm="syncbn" converts to SyncBatchNorm, which
+    pretrained statistics and affine kept fixed); norm="recalibrated" freezes it too, after re-estimating the
+    statistics on the fine-tuning images (AdaBN); norm="syncbn" converts to SyncBatchNorm, which
     synchronises statistics only inside a DDP process group (torchrun); a single process computes
     exactly what "bn" does.
   * stages left out of training (trainable_layers < 5) always get FrozenBatchNorm2d, as in detectron2.
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..checkpoints import LoadedEncoder
@@ -33,7 +35,9 @@ from ..train.schedule import lr_at
 from ..train.steps import sgd_steps
 from .scenes import Scenes, match_channels
 
-NORMS = ("frozen", "bn", "syncbn")
+NORMS = ("frozen", "recalibrated", "bn", "syncbn")
+CALIBRATION_IMAGES = 1000  # "recalibrated" BN: images its statistics are re-estimated on
+FIXED_NORMS = ("frozen", "recalibrated")  # statistics and affine fixed in fine-tuning; no BN in detection's new layers
 
 
 @dataclass
@@ -53,7 +57,8 @@ class FinetuneConfig:
     clip_grad: float | None = opt(None, "clip the gradients' global L2 norm to this before each step (none: no "
                                         "clipping)")
     norm: str = opt("bn", "backbone (and new layers') normalisation: frozen = torchvision's FrozenBatchNorm2d; "
-                          "bn = trained (the paper's); syncbn = SyncBatchNorm, synchronised only under DDP")
+                          "recalibrated = frozen after re-estimating the statistics on the fine-tuning images "
+                          "(AdaBN); bn = trained (the paper's); syncbn = SyncBatchNorm, synchronised only under DDP")
     trainable_layers: int = opt(5, "backbone units trained, from the last (ResNet: 5 = stem and layer1-4; "
                                    "SmallCNN: 4 stages)")
     flip: bool = opt(True, "random horizontal flips of the training images")
@@ -137,8 +142,9 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def apply_norm(module: nn.Module, norm: str) -> nn.Module:
-    """`module`'s BatchNorms as `norm` asks: frozen, trained (bn) or synchronised (syncbn)."""
-    if norm == "frozen":
+    """`module`'s BatchNorms as `norm` asks: frozen (also after recalibration), trained (bn) or synchronised
+    (syncbn)."""
+    if norm in FIXED_NORMS:
         return freeze_batchnorm(module)
     if norm == "syncbn":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
@@ -146,12 +152,14 @@ def apply_norm(module: nn.Module, norm: str) -> nn.Module:
 
 
 def prepare_backbone(encoder: LoadedEncoder | None, arch: str, channels: int, cfg: FinetuneConfig,
-                     data_mean_std: tuple[list[float], list[float]]) -> tuple[Stages, int, list[float], list[float]]:
+                     data_mean_std: tuple[list[float], list[float]],
+                     calibration: Iterable[torch.Tensor] = ()) -> tuple[Stages, int, list[float], list[float]]:
     """A copy of the encoder's backbone, or a randomly initialised `arch`, ready to fine-tune.
 
     Returns its stages (norm layers converted, the units below `trainable_layers` frozen), its input
     channels and its input normalisation: the encoder's, or for a random backbone the data's own.
-    The caller's encoder is left untouched.
+    With norm "recalibrated", every BN's statistics are first re-estimated on the `calibration` batches
+    (B, C, H, W) in [0, 1]. The caller's encoder is left untouched.
     """
     if encoder is not None:
         if arch != encoder.arch:
@@ -162,6 +170,8 @@ def prepare_backbone(encoder: LoadedEncoder | None, arch: str, channels: int, cf
         backbone = build_backbone(arch, channels, cfg.width, cfg.small_stem, last_width=cfg.last_width,
                                   depths=cfg.depths)
         mean, std = data_mean_std
+    if cfg.norm == "recalibrated":
+        recalibrate_batchnorm(backbone, calibration, mean, std)
     stages = backbone_stages(backbone)
     n_frozen = max(0, len(stages.units) - cfg.trainable_layers)
     children = dict(stages.body.named_children())
@@ -176,12 +186,36 @@ def prepare_backbone(encoder: LoadedEncoder | None, arch: str, channels: int, cf
     return stages, channels, mean, std
 
 
+def recalibrate_batchnorm(backbone: nn.Module, batches: Iterable[torch.Tensor], mean: list[float],
+                          std: list[float]) -> None:
+    """Set every BN's running statistics of `backbone` to the average of its batch statistics over `batches`
+    (B, C, H, W) in [0, 1], normalised with `mean` and `std` (AdaBN; torch's `update_bn`, as after SWA)."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    update_bn(((x - m) / s for x in batches), backbone)
+
+
+def calibration_batches(scenes: Scenes, channels: int, batch_size: int,
+                        limit: int = CALIBRATION_IMAGES) -> Iterator[torch.Tensor]:
+    """(At most `limit` of) the scenes' images as batches (B, C, H, W) in [0, 1] of at most `batch_size` images of
+    one size, in the scenes' order."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i in range(min(len(scenes), limit)):
+        by_size.setdefault(tuple(scenes.images[i].shape[1:]), []).append(i)
+    for indices in by_size.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            yield torch.stack([match_channels(scenes.images[i], channels).float() / 255 for i in chunk])
+
+
 def backbone_for(encoder: LoadedEncoder | None, arch: str, scenes: Scenes,
                  cfg: FinetuneConfig) -> tuple[Stages, int, list[float], list[float]]:
     """`prepare_backbone` for fine-tuning on `scenes`: a random backbone is normalised with the scenes' own
-    statistics."""
-    stats = scenes_mean_std(scenes, encoder.channels if encoder else scenes.channels)
-    return prepare_backbone(encoder, arch, scenes.channels, cfg, stats)
+    statistics, and "recalibrated" BN is re-estimated on (at most CALIBRATION_IMAGES of) them."""
+    channels = encoder.channels if encoder else scenes.channels
+    stats = scenes_mean_std(scenes, channels)
+    calibration = calibration_batches(scenes, channels, max(cfg.batch_size, 8)) if cfg.norm == "recalibrated" else ()
+    return prepare_backbone(encoder, arch, scenes.channels, cfg, stats, calibration)
 
 
 def scenes_mean_std(scenes: Scenes, channels: int) -> tuple[list[float], list[float]]:
