@@ -270,7 +270,10 @@ def test_the_data_path_benchmark_writes_every_figure(tmp_path):
 def _epoch_run(seed: int, ours: list[float], reference: list[float], slug: str = "cpu-2c") -> dict:
     """A per-epoch results entry as `bench` saves it, with only the fields the summary reads."""
     setup = {"preset": "cpu", "epochs": len(ours), **({"seed": seed} if seed else {})}
-    curve = lambda values: [{"epoch": i + 1, "knn_top1": v} for i, v in enumerate(values)]  # noqa: E731
+
+    def curve(values: list[float]) -> list[dict]:
+        return [{"epoch": i + 1, "knn_top1": v} for i, v in enumerate(values)]
+
     return {"setup": setup, "settings": {"seed": seed, "preset": "cpu"}, "commit": f"c{seed}",
             "machine": {"cpu": "Some CPU", "slug": slug},
             "result": {"epochs": len(ours), "ours": {"curve": curve(ours)}, "reference": {"curve": curve(reference)}}}
