@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from moco.cli.flags import Parser, add_fields, build
 from moco.errors import ConfigError, MocoError
+from moco.transfer.finetune import NORMS
 
 from .ablate import STUDIES, ablate
 from .bench import BenchSettings, bench
@@ -177,7 +178,7 @@ def build_parser() -> Parser:
     p.add_argument("--iterations", type=int, help="fine-tuning iterations (default: the fine-tuning configs')")
     p.add_argument("--batch-size", type=int, help="fine-tuning batch (default: the fine-tuning configs')")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the fine-tuning configs')")
-    p.add_argument("--norm", choices=("bn", "frozen", "recalibrated", "syncbn"), help="the backbone's normalisation while "
+    p.add_argument("--norm", choices=NORMS, help="the backbone's normalisation while "
                    "fine-tuning (default: the fine-tuning configs')")
     p.add_argument("--trainable-layers", type=int, help="backbone units trained, from the last (default: all)")
     p.add_argument("--warmup-iters", type=int, help="fine-tuning warm-up iterations (default: the fine-tuning "

@@ -214,6 +214,7 @@ def backbone_for(encoder: LoadedEncoder | None, arch: str, scenes: Scenes,
     statistics, and "recalibrated" BN is re-estimated on (at most CALIBRATION_IMAGES of) them."""
     channels = encoder.channels if encoder else scenes.channels
     stats = scenes_mean_std(scenes, channels)
+    # Batches of at least 8 images: the statistics of the 1-2 image batches detection trains with would be noisy.
     calibration = calibration_batches(scenes, channels, max(cfg.batch_size, 8)) if cfg.norm == "recalibrated" else ()
     return prepare_backbone(encoder, arch, scenes.channels, cfg, stats, calibration)
 
