@@ -759,15 +759,36 @@ def epoch_table(entries: list[dict[str, Any]], folder: str) -> list[str]:
     return lines
 
 
+def _setup_key(e: dict[str, Any], *ignored: str) -> str:
+    """Machine and setup of a results entry, less the seed and `ignored` setup fields, as a dictionary key."""
+    setup = {k: v for k, v in e["setup"].items() if k not in ("seed", *ignored)}
+    return json.dumps([machine_name(e["machine"]), e["machine"]["slug"], setup], sort_keys=True)
+
+
+def with_stored_reference(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-epoch runs of ours alone (`--no-reference`), each given the reference curve of the latest stored run
+    with the same seed, machine and setup; runs with no such run are left out.
+
+    The reference trains the same program from the same seed whatever our commit, so a stored run of it pairs with
+    a later run of ours as a fresh one would, at a third of the cost. The copy names the reference's commit in
+    ``reference_commit``."""
+    stored = {(_setup_key(e, "reference"), e["settings"]["seed"]): e for e in entries if "reference" in e["result"]}
+    paired = []
+    for e in entries:
+        match = stored.get((_setup_key(e, "reference"), e["settings"]["seed"]))
+        if "reference" not in e["result"] and match is not None:
+            result = {**e["result"], "reference": match["result"]["reference"]}
+            paired.append({**e, "result": result, "reference_commit": match["commit"]})
+    return paired
+
+
 def seed_groups(entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Per-epoch runs of both implementations that differ only in the seed, grouped (machine and setup alike),
-    groups of two seeds or more, in the order of their first run."""
+    groups of two seeds or more, in the order of their first run. Runs of ours alone join with their stored
+    reference (`with_stored_reference`), in groups of their own."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for e in entries:
-        if "reference" in e["result"]:
-            setup = {k: v for k, v in e["setup"].items() if k != "seed"}
-            key = json.dumps([machine_name(e["machine"]), e["machine"]["slug"], setup], sort_keys=True)
-            groups.setdefault(key, []).append(e)
+    for e in [e for e in entries if "reference" in e["result"]] + with_stored_reference(entries):
+        groups.setdefault(_setup_key(e), []).append(e)
     return [g for g in groups.values() if len({e["settings"]["seed"] for e in g}) >= 2]
 
 
@@ -794,9 +815,15 @@ def seed_table(entries: list[dict[str, Any]]) -> list[str]:
         e, n = group[0], len(group)
         seeds = ", ".join(str(s) for s in sorted(x["settings"]["seed"] for x in group))
         commits = ", ".join(dict.fromkeys(f"`{x['commit']}`" for x in group))
+        source = f"the runs below; commits {commits}"
+        if "reference_commit" in e:
+            stored = ", ".join(dict.fromkeys(f"`{x['reference_commit']}`" for x in group))
+            source = (f"ours: the runs of ours alone below, commits {commits}; the reference: the stored runs of the "
+                      f"same seeds, commits {stored}")
+        alone = ", ours alone against the stored reference" if "reference_commit" in e else ""
         lines += ["", f"### Over {n} seeds: {machine_name(e['machine'])}, {recipe(e['settings'])}, "
-                  f"{e['result']['epochs']} epochs", "",
-                  f"Seeds {seeds} (the runs above; commits {commits}). kNN k=200: the mean of each implementation, "
+                  f"{e['result']['epochs']} epochs{alone}", "",
+                  f"Seeds {seeds} ({source}). kNN k=200: the mean of each implementation, "
                   "and ours - reference paired by seed: its mean, standard deviation (SD) and standard error of the "
                   "mean (SE = SD / sqrt(seeds)); a mean within about two SE of 0 cannot be told from no difference.",
                   "", "| epoch | ours, mean | reference, mean | ours - reference: mean | SD | SE | seeds at or above |",

@@ -296,3 +296,27 @@ def test_the_seed_summary_pairs_runs_by_seed():
     table = "\n".join(B.seed_table(runs))
     assert "### Over 3 seeds: Some CPU, cpu, 2 epochs" in table
     assert "| 1 | 82.00 | 81.00 | +1.00 | 2.00 | 1.15 | 2 of 3 |" in table
+
+
+def test_runs_of_ours_alone_pair_with_the_stored_reference_of_their_seed():
+    """Ours alone, seeds 0 and 1, against the stored reference runs of those seeds: differences +2, +1 at epoch 1
+    (mean 1.5). A seed with no stored reference, another machine's reference and the pairs' own group stay apart."""
+    stored = [_epoch_run(0, [81, 82], [80, 82]), _epoch_run(1, [80, 83], [81, 83]),
+              _epoch_run(2, [50, 50], [10, 10], slug="other-2c")]
+    alone = [_epoch_run(seed, ours, [0, 0]) for seed, ours in ((0, [82, 83]), (1, [82, 84]), (2, [90, 90]))]
+    for e in alone:
+        del e["result"]["reference"]
+        e["setup"]["reference"], e["commit"] = False, "new"
+    for e in stored:
+        e["setup"]["reference"] = True
+    paired = B.with_stored_reference(stored + alone)
+    assert [(e["settings"]["seed"], e["reference_commit"]) for e in paired] == [(0, "c0"), (1, "c1")]
+    assert "reference" not in alone[0]["result"]  # the runs themselves are left as they are
+    old, new = B.seed_groups(stored + alone)
+    assert [e["commit"] for e in old] == ["c0", "c1"] and [e["commit"] for e in new] == ["new", "new"]
+    first, second = B.seed_summary(new)
+    assert (first["ours"], first["reference"], first["diff"]) == pytest.approx((82.0, 80.5, 1.5))
+    assert second["diff"] == pytest.approx(1.0) and second["at_or_above"] == 2
+    table = "\n".join(B.seed_table(stored + alone))
+    assert "2 epochs, ours alone against the stored reference" in table
+    assert "the reference: the stored runs of the same seeds, commits `c0`, `c1`" in table
