@@ -769,9 +769,10 @@ def with_stored_reference(entries: list[dict[str, Any]]) -> list[dict[str, Any]]
     """Per-epoch runs of ours alone (`--no-reference`), each given the reference curve of the latest stored run
     with the same seed, machine and setup; runs with no such run are left out.
 
-    The reference trains the same program from the same seed whatever our commit, so a stored run of it pairs with
-    a later run of ours as a fresh one would, at a third of the cost. The copy names the reference's commit in
-    ``reference_commit``."""
+    While `benchmarks/reference.py` and the encoder it builds are unchanged, the reference trains the same program
+    from the same seed whatever our commit, so a stored run of it pairs with a later run of ours as a fresh one
+    would, at a third of the cost; after such a change, run the reference again. The copy names the reference's
+    commit in ``reference_commit``."""
     stored = {(_setup_key(e, "reference"), e["settings"]["seed"]): e for e in entries if "reference" in e["result"]}
     paired = []
     for e in entries:
