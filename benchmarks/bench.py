@@ -775,9 +775,9 @@ def with_stored_reference(entries: list[dict[str, Any]]) -> list[dict[str, Any]]
     commit in ``reference_commit``."""
     stored = {(_setup_key(e, "reference"), e["settings"]["seed"]): e for e in entries if "reference" in e["result"]}
     paired = []
-    for e in entries:
+    for e in (e for e in entries if "reference" not in e["result"]):
         match = stored.get((_setup_key(e, "reference"), e["settings"]["seed"]))
-        if "reference" not in e["result"] and match is not None:
+        if match is not None:
             result = {**e["result"], "reference": match["result"]["reference"]}
             paired.append({**e, "result": result, "reference_commit": match["commit"]})
     return paired
@@ -816,12 +816,12 @@ def seed_table(entries: list[dict[str, Any]]) -> list[str]:
         e, n = group[0], len(group)
         seeds = ", ".join(str(s) for s in sorted(x["settings"]["seed"] for x in group))
         commits = ", ".join(dict.fromkeys(f"`{x['commit']}`" for x in group))
-        source = f"the runs below; commits {commits}"
+        source, alone = f"the runs below; commits {commits}", ""
         if "reference_commit" in e:
             stored = ", ".join(dict.fromkeys(f"`{x['reference_commit']}`" for x in group))
             source = (f"ours: the runs of ours alone below, commits {commits}; the reference: the stored runs of the "
                       f"same seeds, commits {stored}")
-        alone = ", ours alone against the stored reference" if "reference_commit" in e else ""
+            alone = ", ours alone against the stored reference"
         lines += ["", f"### Over {n} seeds: {machine_name(e['machine'])}, {recipe(e['settings'])}, "
                   f"{e['result']['epochs']} epochs{alone}", "",
                   f"Seeds {seeds} ({source}). kNN k=200: the mean of each implementation, "
